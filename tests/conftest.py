@@ -1,0 +1,149 @@
+"""Shared fixtures: a tiny random Llama (and T5) with a tokenizer trained on the spot, one sqlite
+MLflow store per test, and helpers to write a project config and call the real CLI."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def train_tokenizer(corpus: list[str], specials: list[str]):
+    """A small byte-level BPE tokenizer trained on `corpus`, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def tiny_corpus() -> list[str]:
+    from loraflow.catalogue import catalogue_rows
+
+    rows = catalogue_rows(300, seed=0)
+    return [r["title"] + "\n" + r["content"] for r in rows] + ["Write a product description for: user assistant"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama, hidden size 16, with a BPE tokenizer and a chat template, saved to a folder."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = train_tokenizer(tiny_corpus(), ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"])
+    tokenizer.add_special_tokens({"unk_token": "<unk>", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                                  "pad_token": "<pad>"})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    """A flan-t5-shaped tiny seq2seq model (gated-gelu, wi_0/wi_1/wo) with a BPE tokenizer."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("tiny-t5")
+    tokenizer = train_tokenizer(tiny_corpus(), ["<pad>", "</s>", "<unk>"])
+    tokenizer.add_special_tokens({"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
+                      num_heads=2, feed_forward_proj="gated-gelu", decoder_start_token_id=tokenizer.pad_token_id,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      tie_word_embeddings=False)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def isolated_tracking(tmp_path, monkeypatch):
+    """Each test: its own sqlite MLflow store and working folder; never the user's store."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("LORAFLOW_DEBUG", raising=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def tiny_config(model_path: Path, **sections) -> dict:
+    """A project config for the tiny model on the built-in catalogue; `sections` update it."""
+    config = {
+        "name": "tiny",
+        "model": {"name": str(model_path), "quantization": "none", "dtype": "fp32"},
+        "data": {"path": "builtin:catalogue", "builtin_rows": 60, "prompt_template": "Describe: {title}",
+                 "target_template": "{content}", "max_length": 64},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 4, "batch_size": 4, "learning_rate": 5e-3, "eval_steps": 2, "save_steps": 2,
+                  "eval_rows": 8, "warmup_ratio": 0.0},
+        "eval": {"num_samples": 4, "max_new_tokens": 8, "metrics": ["rouge1", "rougeL"], "batch_size": 4,
+                 "bootstrap_samples": 100},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    return config
+
+
+@pytest.fixture
+def write_project(tmp_path):
+    """write_project(model_path, name="x.yaml", **sections) -> path of a project YAML in tmp_path."""
+    def write(model_path: Path, filename: str = "project.yaml", **sections) -> Path:
+        path = tmp_path / filename
+        path.write_text(yaml.safe_dump(tiny_config(model_path, **sections)))
+        return path
+    return write
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """run_cli("train", "proj.yaml", "--set", "k=v") -> (exit_code, stdout, stderr) through loraflow's main."""
+    from loraflow.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            main(list(map(str, args)))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
