@@ -38,7 +38,7 @@ def tiny_corpus() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    """A 2-layer Llama, hidden size 16, with a BPE tokenizer and a chat template, saved to a folder."""
+    """A 2-layer Llama, hidden size 64 (the smallest bitsandbytes 4-bit CPU kernels take), with a BPE tokenizer and a chat template, saved to a folder."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -48,8 +48,8 @@ def tiny_llama(tmp_path_factory) -> Path:
                                   "pad_token": "<pad>"})
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
@@ -85,10 +85,13 @@ def isolated_tracking(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("LORAFLOW_DEBUG", raising=False)
+    for name in ("LORAFLOW_DEBUG", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
     import mlflow
+    from mlflow.tracking import fluent
 
     mlflow.set_tracking_uri(uri)
+    fluent._active_experiment_id = None
     yield uri
     while mlflow.active_run():
         mlflow.end_run()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
 import traceback
 
@@ -24,12 +25,16 @@ def project_options(func):
     @click.argument("project")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a config value, e.g. --set train.max_steps=5 (repeatable).")
+    @click.option("--overrides", "overrides_text", default="", metavar="'K=V K=V'", help="Space-separated overrides in one "
+                  "string (what MLproject entry points pass); applied before --set.")
     @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                   "else the local sqlite store of mlruns_config/local.yaml).")
     @click.option("--experiment", default=None, help="MLflow experiment name (default: the project's name).")
     @functools.wraps(func)
-    def wrapper(project, overrides, tracking_uri, experiment, **kwargs):
-        return func(setup(project, overrides, tracking_uri, experiment), **kwargs)
+    def wrapper(project, overrides, overrides_text, tracking_uri, experiment, **kwargs):
+        all_overrides = shlex.split(overrides_text) + list(overrides)
+        options = {key: (None if value == "" else value) for key, value in kwargs.items()}
+        return func(setup(project, all_overrides, tracking_uri, experiment), **options)
     return wrapper
 
 
@@ -40,7 +45,8 @@ def setup(project: str, overrides, tracking_uri: str | None, experiment: str | N
 
     cfg = load_config(project, overrides)
     tracking.use_tracking(tracking_uri)
-    tracking.use_experiment(experiment or cfg.name)
+    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the run and experiment are given
+        tracking.use_experiment(experiment or cfg.name)
     return cfg
 
 
@@ -93,7 +99,7 @@ def evaluate(cfg, run_id, model_uri, adapter):
 
 @cli.command()
 @project_options
-@click.option("--n-trials", type=int, default=None, help="Trials to run now (default: tune.n_trials).")
+@click.option("--n-trials", type=int, default=None, help="Trials to run now (default: tune.n_trials; 0 = default).")
 @click.option("--study", "study_name", default=None, help="Study name; an existing study is resumed.")
 @click.option("--storage", default=None, help="Optuna storage URL (default: a journal file in .mlruns/).")
 def tune(cfg, n_trials, study_name, storage):

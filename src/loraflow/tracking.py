@@ -65,6 +65,14 @@ def use_experiment(name: str) -> str:
     return experiment_id
 
 
+def experiment_chosen() -> bool:
+    """Whether an experiment was set (use_experiment, MLFLOW_EXPERIMENT_* variables) in this process."""
+    from mlflow.tracking import fluent
+
+    return bool(fluent._active_experiment_id or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                or os.environ.get("MLFLOW_EXPERIMENT_ID"))
+
+
 def git_sha() -> str:
     """The commit of the code that runs, with '-dirty' when the work tree has changes; 'unknown' outside git."""
     def git(*args):
@@ -106,6 +114,8 @@ def run_status_for(exc: BaseException) -> str:
 def stage_run(cfg: Config, stage: str, *, run_id: str | None = None, nested: bool = False,
               run_name: str | None = None, tags: dict | None = None):
     """An MLflow run for one stage, tagged with lineage; ended FAILED (or KILLED) if the body raises."""
+    if not nested and run_id is None and not experiment_chosen():
+        use_experiment(cfg.name)
     run = mlflow.start_run(run_id=run_id, nested=nested, run_name=run_name,
                            tags=None if run_id else {**lineage_tags(cfg, stage), **(tags or {})})
     try:
