@@ -173,12 +173,23 @@ def load_model(cfg: Config, path: str, *, quantize: bool = True, dtype=None):
     return model, load_tokenizer(path)
 
 
-def lora_config(cfg: Config):
+def linear_module_names(model) -> list[str]:
+    """Leaf names of every linear layer except the output head (what `all-linear` means in PEFT)."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")})
+
+
+def lora_config(cfg: Config, model=None):
     import peft
 
     task = peft.TaskType.SEQ_2_SEQ_LM if cfg.model.kind == "seq2seq" else peft.TaskType.CAUSAL_LM
+    targets = cfg.lora.target_modules
+    if isinstance(targets, str) and cfg.lora.layers_to_transform is not None and model is not None:
+        targets = linear_module_names(model) if targets == "all-linear" else [targets]  # PEFT needs a list here
     return peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                           target_modules=cfg.lora.target_modules, task_type=task, bias="none",
+                           target_modules=targets, task_type=task, bias="none",
                            layers_to_transform=cfg.lora.layers_to_transform)
 
 
@@ -193,7 +204,7 @@ def attach_lora(model, cfg: Config):
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     try:
-        return peft.get_peft_model(model, lora_config(cfg))
+        return peft.get_peft_model(model, lora_config(cfg, model))
     except ValueError as exc:
         raise LoraflowError(f"cannot attach LoRA: {str(exc).splitlines()[0]}") from None
 

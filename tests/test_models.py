@@ -1,0 +1,72 @@
+"""Model resolution, quantisation and LoRA attachment; the real embedded SmolLM2 in marked tests."""
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+
+from loraflow import LoraflowError, models, train
+from loraflow.config import EMBEDDED_MODEL, from_dict, load_config
+
+
+def test_local_folder_and_bad_names(tiny_llama, tmp_path):
+    assert models.resolve_model_path(str(tiny_llama)) == str(tiny_llama)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoraflowError, match="no config.json"):
+        models.resolve_model_path(str(tmp_path / "empty"))
+    with pytest.raises(LoraflowError, match="model file not found"):
+        models.resolve_model_path(str(tmp_path / "missing.gguf"))
+
+
+@pytest.mark.parametrize("quantization,layer_type", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt"),
+                                                     ("none", "Linear")])
+def test_quantization_and_lora_targets(tiny_llama, quantization, layer_type):
+    cfg = from_dict({"name": "m", "data": {"path": "x"}, "model": {"name": str(tiny_llama),
+                     "quantization": quantization}, "lora": {"r": 2, "layers_to_transform": [1]}})
+    model, tokenizer = models.load_model(cfg, str(tiny_llama))
+    model = models.attach_lora(model, cfg)
+    layers = model.base_model.model.model.layers
+    assert type(layers[1].self_attn.q_proj.base_layer).__name__ == layer_type
+    assert hasattr(layers[1].mlp.down_proj, "lora_A") and not hasattr(layers[0].mlp.down_proj, "lora_A")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert tokenizer.pad_token is not None
+
+
+def test_compute_dtype_follows_the_config(tiny_llama):
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        cfg = from_dict({"name": "m", "data": {"path": "x"}, "model": {"name": "x", "dtype": name}})
+        assert models.compute_dtype(cfg) == dtype
+
+
+@pytest.mark.real_model
+def test_embedded_smollm2_trains_with_nf4_and_generates(run_cli):
+    code, _, err = run_cli("train", "quickstart", "--set", "train.max_steps=2", "--set", "train.eval_steps=2",
+                           "--set", "data.builtin_rows=40", "--set", "train.batch_size=2")
+    assert code == 0, err
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FINISHED" and run.data.params["model.quantization"] == "nf4"
+    cfg = load_config("quickstart")
+    model, tokenizer = models.load_model(cfg, models.resolve_model_path(EMBEDDED_MODEL))
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter")
+    model = models.load_adapter(model, adapter)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Describe a blue mug."}],
+                                           tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert len(text.split()) >= 3
+
+
+@pytest.mark.real_model
+def test_gguf_file_converts_once_to_a_cached_folder(tmp_path, monkeypatch):
+    gguf = models.embedded_gguf()
+    monkeypatch.setenv("LORAFLOW_CACHE", str(tmp_path / "cache"))
+    folder = models.resolve_model_path(str(gguf))
+    assert (tmp_path / "cache" / "models").is_dir() and folder.startswith(str(tmp_path / "cache"))
+    tokenizer = models.load_tokenizer(folder)
+    assert tokenizer.eos_token == "<|im_end|>"
+    mtime = (models.Path(folder) / "config.json").stat().st_mtime
+    assert models.resolve_model_path(str(gguf)) == folder
+    assert (models.Path(folder) / "config.json").stat().st_mtime == mtime
