@@ -64,7 +64,10 @@ def cli():
 @cli.command()
 @project_options
 def prepare(cfg):
-    """Read, clean and split the data; log row counts, samples and the dataset to MLflow."""
+    """Read, clean and split the data.
+
+    Logs row counts (read, dropped by reason, kept, per split), samples and the datasets to MLflow.
+    """
     from loraflow import data
 
     prepared = data.run(cfg)
@@ -77,7 +80,11 @@ def prepare(cfg):
 @click.option("--resume", is_flag=True, help="Continue the latest (or --run-id) training run from its checkpoint.")
 @click.option("--run-id", default=None, help="With --resume: the MLflow run to continue.")
 def train(cfg, resume, run_id):
-    """Train a LoRA/QLoRA adapter (SFT or continued pretraining) in an MLflow run."""
+    """Train a LoRA/QLoRA adapter (SFT or CPT).
+
+    One MLflow run: params, train/loss per step, eval/loss at intervals, tokens, time, memory,
+    cost, the adapter and plots/loss_curve.png. Checkpoints allow --resume in the same run.
+    """
     from loraflow import train as train_stage
 
     result = train_stage.run(cfg, resume=resume, run_id=run_id)
@@ -91,10 +98,17 @@ def train(cfg, resume, run_id):
 @click.option("--model-uri", default=None, help="A registered model instead, e.g. models:/name@champion.")
 @click.option("--adapter", default=None, type=click.Path(), help="A local adapter folder instead.")
 def evaluate(cfg, run_id, model_uri, adapter):
-    """Compare the base model and the tuned one on held-out rows, over eval.seeds."""
+    """Compare base and tuned models on held-out rows.
+
+    Generates with both on the test split over eval.seeds and logs base/, tuned/ and delta/ metrics
+    with bootstrap intervals, per-item details and a chart.
+    """
     from loraflow import evaluate as evaluate_stage
 
-    evaluate_stage.run(cfg, run_id=run_id, model_uri=model_uri, adapter_dir=adapter)
+    result = evaluate_stage.run(cfg, run_id=run_id, model_uri=model_uri, adapter_dir=adapter)
+    deltas = [f"{key}={value:+.4f} [{result.summary[key + '_ci_low']:+.4f}, {result.summary[key + '_ci_high']:+.4f}]"
+              for key, value in result.summary.items() if key + "_ci_low" in result.summary]
+    click.echo(f"run {result.run_id}: " + (", ".join(deltas) or f"tuned/loss={result.summary.get('tuned/loss')}"))
 
 
 @cli.command()
@@ -103,7 +117,11 @@ def evaluate(cfg, run_id, model_uri, adapter):
 @click.option("--study", "study_name", default=None, help="Study name; an existing study is resumed.")
 @click.option("--storage", default=None, help="Optuna storage URL (default: a journal file in .mlruns/).")
 def tune(cfg, n_trials, study_name, storage):
-    """Optuna search over LoRA rank, alpha and learning rate; each trial a nested training run."""
+    """Search LoRA rank, alpha and learning rate.
+
+    An Optuna study (TPE, pruning on validation loss); every trial is a training run nested under
+    one study run, which is tagged with the best trial and gets the study plots.
+    """
     from loraflow import tune as tune_stage
 
     tune_stage.run(cfg, n_trials=n_trials, study_name=study_name, storage=storage)
@@ -115,7 +133,11 @@ def tune(cfg, n_trials, study_name, storage):
 @click.option("--from-study", default=None, help="Register the best trial of this Optuna study.")
 @click.option("--force", is_flag=True, help="Register even if the promotion gate refuses.")
 def register(cfg, from_run, from_study, force):
-    """Merge the winning adapter, gate it on held-out rows, register it and set the alias."""
+    """Merge, gate and register the winning adapter.
+
+    Merges into the full-precision base, evaluates against the base (and the current champion) and
+    registers a pyfunc model with the alias only if it wins (--force overrides).
+    """
     from loraflow import registry
 
     registry.run(cfg, from_run=from_run, from_study=from_study, force=force)
@@ -127,7 +149,14 @@ def register(cfg, from_run, from_study, force):
 @click.option("--port", default=5001, show_default=True, type=int)
 @click.option("--model-uri", default=None, help="Default: models:/<registry.model_name>@<registry.alias>.")
 def serve(cfg, host, port, model_uri):
-    """Serve the registered model over REST with `mlflow models serve` (POST /invocations)."""
+    """Serve the registered model over REST.
+
+    Runs `mlflow models serve` on models:/NAME@champion. Example request:
+
+    \b
+    curl -s localhost:5001/invocations -H "Content-Type: application/json" \\
+      -d '{"dataframe_records": [{"prompt": "Blue mug"}], "params": {"max_new_tokens": 32}}'
+    """
     from loraflow import serving
 
     serving.run(cfg, host=host, port=port, model_uri=model_uri)
@@ -138,7 +167,11 @@ def serve(cfg, host, port, model_uri):
 @click.option("--serve-check/--no-serve-check", default=False,
               help="At the end, start the server once and print one REST prediction.")
 def pipeline(cfg, serve_check):
-    """prepare -> train (or tune) -> evaluate -> register, as nested runs; unchanged steps are reused."""
+    """Run every stage: prepare to register.
+
+    prepare -> train (or tune, when tune.enabled) -> evaluate -> register, each a nested run under
+    one parent run; a step whose inputs did not change is reused instead of redone.
+    """
     from loraflow import pipeline as pipeline_stage
 
     pipeline_stage.run(cfg, serve_check=serve_check)
