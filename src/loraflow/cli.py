@@ -10,6 +10,7 @@ Bad input ends with one line `error: ...` on stderr and a non-zero exit.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shlex
 import sys
@@ -179,6 +180,8 @@ def pipeline(cfg, serve_check):
 
 def main(argv=None):
     """Entry point: run the group; user errors become one `error:` line and exit code 2."""
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:

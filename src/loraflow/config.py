@@ -7,11 +7,13 @@ file. A variant may start with `base: config.yaml` to inherit another file and c
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +72,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    enabled: bool = True  # false: the pipeline trains nothing and evaluates the base model alone (zero-shot)
     objective: str = "sft"  # sft | cpt
     learning_rate: float = 2e-4
     max_steps: int = -1  # > 0 overrides epochs
@@ -121,6 +124,9 @@ class TuneConfig:
     sampler_seed: int = 0
     study_name: str = ""
     storage: str = ""
+    sampler_startup_trials: int = 4  # random trials before TPE models the results
+    pruner_startup_trials: int = 2  # trials that must finish before the median pruner prunes
+    pruner_warmup_steps: int = 0  # training steps before a trial may be pruned (median pruner)
 
 
 @dataclass
@@ -232,7 +238,14 @@ def parse_override(text: str) -> tuple[str, object]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if is_string_field(key.strip()) and not isinstance(value, str):
+        value = raw  # `data.prompt_template=Title: {title}` is text, not a YAML mapping
     return key.strip(), value
+
+
+def is_string_field(key: str) -> bool:
+    section, _, leaf = key.partition(".")
+    return section in SECTIONS and typing.get_type_hints(SECTIONS[section]).get(leaf) is str
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -279,6 +292,9 @@ def build_section(section_name: str, cls, values, problems: list[str]):
             continue
         if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float:
             value = float(value)
+        if isinstance(value, str) and hints[key] is float:
+            with contextlib.suppress(ValueError):  # YAML 1.1 reads `1e-4` (no dot) as a string
+                value = float(value)
         problem = type_problem(f"{section_name}.{key}", value, hints[key])
         if problem:
             problems.append(problem)
@@ -345,6 +361,7 @@ def validate(cfg: Config) -> list[str]:
     if cfg.model.kind == "seq2seq" and cfg.train.objective == "cpt":
         problems.append("train.objective: cpt needs model.kind=causal")
     problems += metric_problems(cfg)
+    problems += tune_problems(cfg)
     return problems
 
 
@@ -353,6 +370,52 @@ def metric_problems(cfg: Config) -> list[str]:
 
     unknown = unknown_metrics(list(cfg.eval.metrics))
     return [f"eval.metrics: unknown metric {name!r}" for name in unknown]
+
+
+def tune_problems(cfg: Config) -> list[str]:
+    """Problems with the tune section's search space and objective (checked even when tune is off)."""
+    tune, problems = cfg.tune, []
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (tune.r_choices and all(number(r) and isinstance(r, int) and r > 0 for r in tune.r_choices)):
+        problems.append(f"tune.r_choices: expected a non-empty list of integers > 0, got {tune.r_choices!r}")
+    if not (tune.alpha_multipliers and all(number(m) and m > 0 for m in tune.alpha_multipliers)):
+        problems.append(f"tune.alpha_multipliers: expected a non-empty list of numbers > 0, "
+                        f"got {tune.alpha_multipliers!r}")
+    if not 0 < tune.lr_low <= tune.lr_high:
+        problems.append(f"tune.lr_low, tune.lr_high: need 0 < lr_low <= lr_high, got {tune.lr_low} and {tune.lr_high}")
+    if tune.dropout_choices is not None and not (
+            tune.dropout_choices and all(number(d) and 0 <= d < 1 for d in tune.dropout_choices)):
+        problems.append(f"tune.dropout_choices: expected numbers in [0, 1), got {tune.dropout_choices!r}")
+    if tune.target_modules_choices is not None and not (tune.target_modules_choices and all(
+            isinstance(c, str) or (isinstance(c, list) and c and all(isinstance(m, str) for m in c))
+            for c in tune.target_modules_choices)):
+        problems.append("tune.target_modules_choices: expected a non-empty list of module names or lists of them, "
+                        f"got {tune.target_modules_choices!r}")
+    if tune.layers_choices is not None and not (tune.layers_choices and all(
+            isinstance(c, str) and re.fullmatch(r"all|last:[1-9][0-9]*", c) for c in tune.layers_choices)):
+        problems.append(f"tune.layers_choices: expected a non-empty list of 'all' or 'last:N', "
+                        f"got {tune.layers_choices!r}")
+    minimums = {"n_trials": 1, "timeout": 0, "sampler_startup_trials": 0, "pruner_startup_trials": 0,
+                "pruner_warmup_steps": 0}
+    problems += [f"tune.{key}: must be >= {low}, got {getattr(tune, key)}"
+                 for key, low in minimums.items() if getattr(tune, key) < low]
+    return problems + tune_objective_problems(cfg)
+
+
+def tune_objective_problems(cfg: Config) -> list[str]:
+    """tune.objective is eval/loss or <base|tuned|delta>/<a metric of eval.metrics>, with a fitting direction."""
+    objective, direction = cfg.tune.objective, cfg.tune.direction
+    if objective == "eval/loss":
+        return [] if direction == "minimize" else ["tune.direction: eval/loss must be minimised"]
+    role, _, metric = objective.partition("/")
+    if role not in ("base", "tuned", "delta") or metric not in cfg.eval.metrics:
+        return [f"tune.objective: {objective!r} is not eval/loss or <base|tuned|delta>/<metric> with a metric "
+                f"of eval.metrics ({', '.join(map(str, cfg.eval.metrics))})"]
+    if cfg.train.objective == "cpt":
+        return [f"tune.objective: {objective} needs generated answers; with train.objective=cpt use eval/loss"]
+    return [] if direction == "maximize" else [f"tune.direction: {objective} (higher is better) must be maximised"]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -220,16 +220,22 @@ def end_of_target(tokenizer, cfg: Config) -> str:
     return (tokenizer.eos_token or "") if cfg.model.kind == "causal" else ""
 
 
+def prompt_token_ids(tokenizer, prompt: str, cfg: Config) -> list[int]:
+    """The token ids a causal model sees before the target (training and generation alike)."""
+    ids = tokenizer(format_prompt(tokenizer, prompt, cfg), add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
 def tokenize_sft(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
     """input_ids/labels per row; labels are -100 on the prompt, so only the target is learned."""
     if cfg.model.kind == "seq2seq":
         return [tokenize_seq2seq(row, tokenizer, cfg) for row in rows]
     examples = []
     for row in rows:
-        prompt_ids = tokenizer(format_prompt(tokenizer, row["prompt"], cfg), add_special_tokens=False)["input_ids"]
+        prompt_ids = prompt_token_ids(tokenizer, row["prompt"], cfg)
         target_ids = tokenizer(row["target"] + end_of_target(tokenizer, cfg), add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
         input_ids = (prompt_ids + target_ids)[:cfg.data.max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:cfg.data.max_length]
         if any(label != IGNORE_INDEX for label in labels):

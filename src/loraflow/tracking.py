@@ -38,7 +38,22 @@ def use_tracking(cli_uri: str | None = None) -> str:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        create_store_once(Path(uri.removeprefix("sqlite:///")))
     return uri
+
+
+def create_store_once(db: Path) -> None:
+    """Open a sqlite store under a file lock, so processes started at once on a new store do not race
+    in MLflow's table creation (e.g. several `loraflow tune` workers)."""
+    import fcntl
+
+    try:
+        with open(db.parent / f"{db.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            mlflow.MlflowClient().search_experiments(max_results=1)
+    except (OSError, mlflow.exceptions.MlflowException) as exc:
+        raise LoraflowError(f"tracking store sqlite:///{db}: {str(exc).splitlines()[0]}") from None
 
 
 def artifact_location_for(uri: str, experiment: str) -> str | None:
@@ -56,7 +71,13 @@ def use_experiment(name: str) -> str:
     try:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
-            experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location_for(uri, name))
+            try:
+                experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location_for(uri, name))
+            except mlflow.exceptions.MlflowException:
+                experiment = mlflow.get_experiment_by_name(name)  # created meanwhile by another process?
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
         else:
             experiment_id = experiment.experiment_id
         mlflow.set_experiment(experiment_id=experiment_id)

@@ -1,0 +1,419 @@
+"""Optuna search over LoRA rank, alpha, learning rate (dropout, modules, layers); every trial a nested
+MLflow training run under one study run.
+
+    loraflow tune quickstart --n-trials 8
+    loraflow tune quickstart --study wide --n-trials 4     # resume the study `wide` (or join its workers)
+    loraflow tune quickstart --storage postgresql://user@db/optuna
+    result = tune.run(cfg, n_trials=4)                     # TuneResult(best_run_id, best_value, ...)
+    run_id = tune.best_trial_run_id("quickstart")          # what `register --from-study` uses
+
+The search space is `tune.*` (lora.alpha = a multiplier times lora.r; layers "all" or "last:N").
+The objective is the final `eval/loss` (minimised) or a metric of the evaluate stage such as
+`delta/rougeL` (maximised; the evaluation nests under the trial's run). Validation losses during
+training feed the pruner (negated when maximising). Pruned trials' runs end KILLED, failed ones
+FAILED, and the study goes on; trial runs carry loraflow.study/.trial_number/.trial_state tags.
+Storage: --storage, else tune.storage, else a journal file beside the MLflow sqlite store (locally
+.mlruns/optuna-journal.log). Processes started at once on one study share its trials: each runs its
+own --n-trials under its own study run; the best trial and counts logged are the whole study's.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import mlflow
+
+from loraflow import LoraflowError, models, tracking, train
+from loraflow.config import Config, tune_problems
+
+STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+
+
+@dataclass
+class TuneResult:
+    run_id: str  # this process's study run
+    study_name: str
+    best_run_id: str | None
+    best_trial: int | None
+    best_value: float | None
+    best_config: dict = field(default_factory=dict)  # dotted key -> value the best trial trained with
+    counts: dict = field(default_factory=dict)  # Optuna state -> trials of the whole study
+
+
+# --- storage and study ------------------------------------------------------------------------
+
+def storage_url(storage: str | None = None, cfg: Config | None = None) -> str:
+    """--storage, else tune.storage, else a journal file beside the MLflow sqlite store or the local default."""
+    if storage:
+        return storage
+    if cfg is not None and cfg.tune.storage:
+        return cfg.tune.storage if "://" in cfg.tune.storage else str(cfg.resolve_path(cfg.tune.storage))
+    uri, defaults = mlflow.get_tracking_uri(), tracking.local_defaults()
+    if uri.startswith("sqlite:///") and uri != defaults["tracking_uri"]:
+        return str(Path(uri.removeprefix("sqlite:///")).parent / "optuna-journal.log")
+    return defaults["optuna_storage"]
+
+
+def redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+
+
+def open_storage(url: str):
+    """An Optuna storage: a journal file for a path ending in .log, else a database URL (RDBStorage)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if "://" not in url and not url.endswith(".log"):
+        raise LoraflowError(f"Optuna storage {url!r}: expected a database URL (sqlite:///..., postgresql://...) "
+                            "or a journal file path ending in .log")
+    try:
+        if "://" not in url:
+            path = Path(url).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        return optuna.storages.RDBStorage(url)
+    except ImportError as exc:
+        raise LoraflowError(f"Optuna storage {redact(url)}: its database driver is not installed "
+                            f"({first_line(exc)})") from None
+    except Exception as exc:  # unreachable server, bad URL, unwritable file: all one line for the user
+        raise LoraflowError(f"cannot open Optuna storage {redact(url)}: {first_line(exc)}") from None
+
+
+def seeded_sampler(cfg: Config, trial_number: int):
+    """TPE seeded by tune.sampler_seed + the trial number: reproducible, and neither a resumed study
+    nor a second worker on the same study draws the same points again."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=cfg.tune.sampler_seed + trial_number,
+                                      n_startup_trials=cfg.tune.sampler_startup_trials)
+
+
+def make_pruner(cfg: Config):
+    import optuna
+
+    if cfg.tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.tune.pruner_startup_trials,
+                                           n_warmup_steps=cfg.tune.pruner_warmup_steps)
+    if cfg.tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.train.eval_steps),
+                                              max_resource=cfg.train.max_steps if cfg.train.max_steps > 0 else "auto")
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: Config, study_name: str, storage):
+    """Create the study, or load it (resume) when it exists; it must keep its direction and objective."""
+    import optuna
+
+    study = optuna.create_study(storage=storage, study_name=study_name, direction=cfg.tune.direction,
+                                sampler=seeded_sampler(cfg, 0), pruner=make_pruner(cfg), load_if_exists=True)
+    if study.direction.name.lower() != cfg.tune.direction:
+        raise LoraflowError(f"study {study_name!r} was created to {study.direction.name.lower()}, but tune.direction "
+                            f"is {cfg.tune.direction}: use another --study")
+    objective = study.user_attrs.get("objective")
+    if objective and objective != cfg.tune.objective:
+        raise LoraflowError(f"study {study_name!r} optimises {objective}, but tune.objective is "
+                            f"{cfg.tune.objective}: use another --study")
+    if not objective:
+        study.set_user_attr("objective", cfg.tune.objective)
+    return study
+
+
+def load_study(study_name: str, storage: str | None = None, cfg: Config | None = None):
+    import optuna
+
+    url = storage_url(storage, cfg)
+    try:
+        return optuna.load_study(study_name=study_name, storage=open_storage(url))
+    except KeyError:
+        raise LoraflowError(f"no Optuna study named {study_name!r} in {redact(url)}") from None
+
+
+def best_trial_run_id(study_name: str, storage: str | None = None, cfg: Config | None = None) -> str:
+    """The MLflow run id of the best completed trial of a study (what `register --from-study` uses)."""
+    study = load_study(study_name, storage, cfg)
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise LoraflowError(f"study {study_name!r} has no completed trial yet") from None
+    if not best.user_attrs.get("mlflow_run_id"):
+        raise LoraflowError(f"study {study_name!r}: trial {best.number} has no MLflow run id")
+    return best.user_attrs["mlflow_run_id"]
+
+
+# --- search space -----------------------------------------------------------------------------
+
+def layer_count(cfg: Config) -> int | None:
+    """The base model's number of layers when a `last:N` choice needs it, else None."""
+    choices = cfg.tune.layers_choices or []
+    if not any(str(c).startswith("last:") for c in choices):
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(models.resolve_model_path(cfg.model.name, cfg),
+                                            trust_remote_code=cfg.model.trust_remote_code)
+        count = int(config.get_text_config().num_hidden_layers)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise LoraflowError(f"tune.layers_choices: cannot read the layer count of {cfg.model.name}: "
+                            f"{first_line(exc)}") from None
+    too_deep = [c for c in choices if c.startswith("last:") and int(c.split(":")[1]) > count]
+    if too_deep:
+        raise LoraflowError(f"tune.layers_choices: {', '.join(too_deep)} but the model has {count} layers")
+    return count
+
+
+def suggest_config(trial, cfg: Config, num_layers: int | None) -> dict:
+    """The trial's config values (dotted key -> value) drawn from the search space of tune.*."""
+    tune = cfg.tune
+    r = trial.suggest_categorical("lora.r", tune.r_choices)
+    multiplier = trial.suggest_categorical("lora.alpha_multiplier", tune.alpha_multipliers)
+    values = {"lora.r": r, "lora.alpha": max(1, round(multiplier * r)),
+              "train.learning_rate": trial.suggest_float("train.learning_rate", tune.lr_low, tune.lr_high, log=True)}
+    if tune.dropout_choices:
+        values["lora.dropout"] = trial.suggest_categorical("lora.dropout", tune.dropout_choices)
+    if tune.target_modules_choices:
+        by_label = {c if isinstance(c, str) else ",".join(c): c for c in tune.target_modules_choices}
+        values["lora.target_modules"] = by_label[trial.suggest_categorical("lora.target_modules", list(by_label))]
+    if tune.layers_choices:
+        layers = trial.suggest_categorical("lora.layers", tune.layers_choices)
+        values["lora.layers_to_transform"] = None if layers == "all" else list(
+            range(num_layers - int(layers.split(":")[1]), num_layers))
+    return values
+
+
+def trial_config(cfg: Config, values: dict) -> Config:
+    trial_cfg = copy.deepcopy(cfg)
+    for key, value in values.items():
+        section, leaf = key.split(".")
+        setattr(getattr(trial_cfg, section), leaf, value)
+    return trial_cfg
+
+
+# --- one trial --------------------------------------------------------------------------------
+
+def pruning_callback(trial, maximize: bool):
+    """train.run's on_eval: report each validation loss (negated when maximising) and maybe prune."""
+    import optuna
+
+    reported = set()
+
+    def on_eval(step: int, eval_loss: float) -> None:
+        if step in reported:  # the final evaluation repeats the last step's
+            return
+        reported.add(step)
+        trial.report(-eval_loss if maximize else eval_loss, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} (eval/loss {eval_loss:.4f})")
+    return on_eval
+
+
+def trial_tags(study_name: str, study_run_id: str, number: int) -> dict:
+    return {"loraflow.study": study_name, "loraflow.study_run_id": study_run_id, "loraflow.trial_number": str(number)}
+
+
+def start_trial_run(trial_cfg: Config, study_run, study_name: str, number: int) -> str:
+    """Create the trial's run (nested under the study run) before training, so every trial has one."""
+    from mlflow.tracking.context import registry as context_registry
+
+    tags = {**tracking.lineage_tags(trial_cfg, "train"), **trial_tags(study_name, study_run.info.run_id, number),
+            "mlflow.parentRunId": study_run.info.run_id, "loraflow.trial_state": "RUNNING"}
+    run = mlflow.MlflowClient().create_run(study_run.info.experiment_id, run_name=f"trial-{number}",
+                                           tags=context_registry.resolve_tags(tags))
+    return run.info.run_id
+
+
+def end_trial_run(run_id: str, state: str, exc: BaseException | None = None) -> None:
+    """Tag the trial's state; end its run if the failure came before training started it."""
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "loraflow.trial_state", state)
+    run = client.get_run(run_id)
+    if exc is not None and "loraflow.error" not in run.data.tags:
+        client.set_tag(run_id, "loraflow.error", first_line(exc)[:500])
+    if run.info.status == "RUNNING":
+        client.set_terminated(run_id, tracking.run_status_for(exc) if exc is not None else "FINISHED")
+
+
+def train_and_score(trial, trial_cfg: Config, run_id: str, tags: dict) -> float:
+    """Train in the trial's run; the objective is its eval/loss or a metric of a nested evaluation."""
+    objective = trial_cfg.tune.objective
+    result = train.run(trial_cfg, run_id=run_id, nested=True,  # the run exists, tagged: train logs into it
+                       on_eval=pruning_callback(trial, trial_cfg.tune.direction == "maximize"))
+    if objective == "eval/loss":
+        if math.isnan(result.eval_loss):
+            raise LoraflowError("no validation rows for eval/loss: set data.val_fraction > 0")
+        return result.eval_loss
+    from loraflow import evaluate
+
+    with mlflow.start_run(run_id=run_id, nested=True):
+        summary = evaluate.run(trial_cfg, run_id=run_id, nested=True, tags=tags).summary
+    if objective not in summary:
+        raise LoraflowError(f"the evaluation gave no {objective} (it gave {', '.join(sorted(summary))})")
+    if not objective.startswith("delta/"):  # evaluate copies the deltas onto the training run itself
+        mlflow.MlflowClient().log_metric(run_id, objective, summary[objective])
+    return float(summary[objective])
+
+
+def run_trial(trial, *, cfg: Config, study_run, num_layers: int | None) -> float:
+    """Optuna's objective: one nested training run; a failure is logged and scored NaN (Optuna: FAIL)."""
+    import optuna
+
+    trial.study.sampler = seeded_sampler(cfg, trial.number)
+    values = suggest_config(trial, cfg, num_layers)
+    trial_cfg = trial_config(cfg, values)
+    run_id = start_trial_run(trial_cfg, study_run, trial.study.study_name, trial.number)
+    trial.set_user_attr("mlflow_run_id", run_id)
+    trial.set_user_attr("config", values)
+    try:
+        value = train_and_score(trial, trial_cfg, run_id, trial_tags(trial.study.study_name, study_run.info.run_id,
+                                                                     trial.number))
+    except optuna.TrialPruned as exc:
+        end_trial_run(run_id, "PRUNED", exc)
+        raise
+    except Exception as exc:
+        end_trial_run(run_id, "FAILED", exc)
+        trial.set_user_attr("fail_reason", first_line(exc))
+        warn(f"trial {trial.number} failed (run {run_id}): {first_line(exc)}")
+        if os.environ.get("LORAFLOW_DEBUG"):
+            traceback.print_exc()
+        return float("nan")
+    except BaseException as exc:  # interrupted: the trial's run ends KILLED, the study run too
+        end_trial_run(run_id, "FAILED", exc)
+        raise
+    end_trial_run(run_id, "COMPLETE")
+    return value
+
+
+# --- the study's outcome ----------------------------------------------------------------------
+
+def log_outcome(cfg: Config, study_name: str, trials: list, study_run_id: str) -> TuneResult:
+    """Trial counts, the best trial's run, config and value (of the study's `trials`) on the study run."""
+    counts = {state: sum(t.state.name == state for t in trials) for state in STATES}
+    mlflow.log_metrics({"tune/trials_complete": counts["COMPLETE"], "tune/trials_pruned": counts["PRUNED"],
+                        "tune/trials_failed": counts["FAIL"], "tune/trials_total": len(trials)})
+    result = TuneResult(run_id=study_run_id, study_name=study_name, best_run_id=None, best_trial=None,
+                        best_value=None, counts=counts)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    if not complete:
+        return result
+    best = (max if cfg.tune.direction == "maximize" else min)(complete, key=lambda t: t.value)
+    result.best_run_id, result.best_trial = best.user_attrs.get("mlflow_run_id"), best.number
+    result.best_value = best.value
+    result.best_config = best.user_attrs.get("config", best.params)
+    mlflow.set_tags({"loraflow.best_run_id": result.best_run_id or "", "loraflow.best_trial": best.number})
+    mlflow.log_params({f"best/{key}": json.dumps(value) if isinstance(value, (list, dict)) or value is None else value
+                       for key, value in result.best_config.items()})
+    mlflow.log_metrics({"best/value": best.value, f"best/{cfg.tune.objective}": best.value})
+    return result
+
+
+def log_plots(study) -> None:
+    """Optuna's matplotlib plots as plots/*.png; a plot the study cannot make yet is skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as optuna_plots
+
+    trials = study.get_trials(deepcopy=False)
+    complete = sum(t.state.name == "COMPLETE" for t in trials)
+    plots = {"optimization_history": (optuna_plots.plot_optimization_history, complete >= 1),
+             "param_importances": (optuna_plots.plot_param_importances, complete >= 2),
+             "parallel_coordinate": (optuna_plots.plot_parallel_coordinate, complete >= 1),
+             "intermediate_values": (optuna_plots.plot_intermediate_values, any(t.intermediate_values for t in trials))}
+    for name, (plot, possible) in plots.items():
+        if not possible:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = plot(study)
+        except Exception as exc:  # e.g. importances of a study whose parameters never varied
+            warn(f"skipped plots/{name}.png: {first_line(exc)}")
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        tracking.log_figure_png(figure, f"plots/{name}.png")
+
+
+def format_value(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if not isinstance(value, str) else value
+
+
+def trials_table(trials: list) -> str:
+    """One line per trial: number, state, value, MLflow run id and the config it trained with."""
+    lines = [f"{'trial':>5}  {'state':<8}  {'value':>10}  {'run id':<32}  config"]
+    for trial in trials:
+        value = "-" if trial.value is None else f"{trial.value:.4f}"
+        if trial.state.name == "PRUNED" and trial.intermediate_values:  # the value it was pruned at, and when
+            value = f"{trial.intermediate_values[trial.last_step]:.4f}@{trial.last_step}"
+        config = trial.user_attrs.get("config", trial.params)
+        lines.append(f"{trial.number:>5}  {trial.state.name:<8}  {value:>10}  "
+                     f"{trial.user_attrs.get('mlflow_run_id', '-'):<32}  "
+                     + " ".join(f"{key.split('.')[-1]}={format_value(v)}" for key, v in config.items()))
+    return "\n".join(lines)
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def warn(message: str) -> None:
+    print(f"loraflow: warning: {message}", file=sys.stderr)
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+def check_inputs(cfg: Config, n_trials: int, url: str):
+    """(storage, layer count) or one LoraflowError listing every problem, before any run starts."""
+    problems = list(tune_problems(cfg))
+    if n_trials < 1:
+        problems.append(f"--n-trials: must be >= 1, got {n_trials}")
+    storage = num_layers = None
+    try:
+        storage = open_storage(url)
+    except LoraflowError as exc:
+        problems.append(str(exc))
+    try:
+        num_layers = layer_count(cfg)
+    except LoraflowError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise LoraflowError("cannot tune: " + "; ".join(problems))
+    return storage, num_layers
+
+
+def run(cfg: Config, *, n_trials: int | None = None, study_name: str | None = None,
+        storage: str | None = None) -> TuneResult:
+    """Run n_trials trials of the study (created, or resumed when it exists) and return its best."""
+    n_trials = n_trials or cfg.tune.n_trials
+    study_name = study_name or cfg.tune.study_name or cfg.name
+    url = storage_url(storage, cfg)
+    optuna_storage, num_layers = check_inputs(cfg, n_trials, url)
+    study = open_study(cfg, study_name, optuna_storage)
+    tags = {"loraflow.study": study_name, "loraflow.optuna_storage": redact(url),
+            "loraflow.objective": cfg.tune.objective}
+    with tracking.stage_run(cfg, "tune", nested=mlflow.active_run() is not None, run_name=study_name,
+                            tags=tags) as study_run:
+        mlflow.log_params(tracking.flat_params(cfg))
+        tracking.log_config(cfg)
+        study.optimize(lambda trial: run_trial(trial, cfg=cfg, study_run=study_run, num_layers=num_layers),
+                       n_trials=n_trials, timeout=cfg.tune.timeout or None, catch=(Exception,),
+                       gc_after_trial=True, show_progress_bar=True)
+        trials = study.get_trials()  # one snapshot: other workers may still be adding trials
+        result = log_outcome(cfg, study_name, trials, study_run.info.run_id)
+        log_plots(study)
+        click.echo(trials_table(trials))
+        if result.best_run_id is None:
+            failures = [t.user_attrs["fail_reason"] for t in trials if "fail_reason" in t.user_attrs]
+            raise LoraflowError(f"no trial of study {study_name!r} completed"
+                                + (f" (first failure: {failures[0]})" if failures else ""))
+        click.echo(f"best: trial {result.best_trial}, run {result.best_run_id}, "
+                   f"{cfg.tune.objective}={result.best_value:.4f} (study {study_name!r}, {redact(url)})")
+    return result
