@@ -109,7 +109,8 @@ def evaluate(cfg, run_id, model_uri, adapter):
     result = evaluate_stage.run(cfg, run_id=run_id, model_uri=model_uri, adapter_dir=adapter)
     deltas = [f"{key}={value:+.4f} [{result.summary[key + '_ci_low']:+.4f}, {result.summary[key + '_ci_high']:+.4f}]"
               for key, value in result.summary.items() if key + "_ci_low" in result.summary]
-    click.echo(f"run {result.run_id}: " + (", ".join(deltas) or f"tuned/loss={result.summary.get('tuned/loss')}"))
+    losses = [f"{key}={result.summary[key]:.4f}" for key in ("base/loss", "tuned/loss") if key in result.summary]
+    click.echo(f"run {result.run_id}: " + ", ".join(deltas + losses))
 
 
 @cli.command()
