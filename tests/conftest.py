@@ -3,6 +3,7 @@ MLflow store per test, and helpers to write a project config and call the real C
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,10 +80,21 @@ def tiny_t5(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite store with its tables made once; tests copy it instead of migrating anew."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments(max_results=1)
+    return db
+
+
 @pytest.fixture(autouse=True)
-def isolated_tracking(tmp_path, monkeypatch):
+def isolated_tracking(tmp_path, monkeypatch, empty_store):
     """Each test: its own sqlite MLflow store and working folder; never the user's store."""
     monkeypatch.chdir(tmp_path)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for name in ("LORAFLOW_DEBUG", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):

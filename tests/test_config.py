@@ -182,9 +182,9 @@ def test_mlproject_entry_point_command_parses(stage):
         given["overrides"] = "lora.r=4 train.max_steps=2"
     for parameters in ({}, given):
         argv = shlex.split(entry_point.compute_command(parameters, storage_dir=None))
-        assert argv[:2] == ["loraflow", stage], argv
+        assert argv[:4] == ["python", "-m", "loraflow.cli", stage], argv
         command = cli.get_command(None, stage)
-        context = command.make_context(stage, argv[2:])  # raises click.UsageError on any bad option
+        context = command.make_context(stage, argv[4:])  # raises click.UsageError on any bad option
         assert context.params["project"] == "quickstart"
         if "overrides" in entry_point.parameters and parameters:
             assert shlex.split(context.params["overrides_text"]) == ["lora.r=4", "train.max_steps=2"]

@@ -99,3 +99,12 @@ def test_prepare_logs_counts_dataset_and_digest(tiny_llama, write_project, run_c
     assert run.info.status == "FINISHED" and run.data.metrics["data/rows_kept"] == 60
     assert run.data.tags["loraflow.data_digest"] and run.data.tags["loraflow.stage"] == "prepare"
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"tiny-train", "tiny-validation", "tiny-test"}
+
+
+def test_long_prompts_are_cut_from_the_left_and_keep_the_target():
+    prompt, target = list(range(100)), [500, 501, 502]
+    kept_prompt, kept_target = data.fit_to_length(prompt, target, 16)
+    assert kept_target == target and kept_prompt == list(range(87, 100))
+    kept_prompt, kept_target = data.fit_to_length(list(range(10)), list(range(200, 240)), 16)
+    assert kept_prompt == list(range(2, 10)) and kept_target == list(range(200, 208))
+    assert data.fit_to_length([1, 2], [3], 16) == ([1, 2], [3])

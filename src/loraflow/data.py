@@ -228,6 +228,16 @@ def prompt_token_ids(tokenizer, prompt: str, cfg: Config) -> list[int]:
     return ids
 
 
+def fit_to_length(prompt_ids: list[int], target_ids: list[int], max_length: int) -> tuple[list, list]:
+    """Cut an example to max_length: the target keeps its start (at most half the room when the prompt
+    needs the rest), the prompt keeps its end, next to the answer."""
+    if len(prompt_ids) + len(target_ids) <= max_length:
+        return prompt_ids, target_ids
+    target_room = max(max_length - len(prompt_ids), min(len(target_ids), max_length // 2))
+    target_ids = target_ids[:target_room]
+    return prompt_ids[len(prompt_ids) - (max_length - len(target_ids)):], target_ids
+
+
 def tokenize_sft(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
     """input_ids/labels per row; labels are -100 on the prompt, so only the target is learned."""
     if cfg.model.kind == "seq2seq":
@@ -236,8 +246,9 @@ def tokenize_sft(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
     for row in rows:
         prompt_ids = prompt_token_ids(tokenizer, row["prompt"], cfg)
         target_ids = tokenizer(row["target"] + end_of_target(tokenizer, cfg), add_special_tokens=False)["input_ids"]
-        input_ids = (prompt_ids + target_ids)[:cfg.data.max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:cfg.data.max_length]
+        prompt_ids, target_ids = fit_to_length(prompt_ids, target_ids, cfg.data.max_length)
+        input_ids = prompt_ids + target_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids
         if any(label != IGNORE_INDEX for label in labels):
             examples.append({"input_ids": input_ids, "labels": labels})
     return examples

@@ -179,6 +179,9 @@ def run(cfg: Config, *, resume: bool = False, run_id: str | None = None, nested:
         on_eval: Callable[[int, float], None] | None = None, tags: dict | None = None,
         keep_model: bool = False) -> TrainResult:
     """Train one adapter in an MLflow run (a new one, or the resumed one) and return its result."""
+    if not cfg.train.enabled:
+        raise LoraflowError("train.enabled is false in this config: it evaluates the base model only "
+                            "(use `loraflow evaluate` or `loraflow pipeline`)")
     checkpoint = None
     if resume:
         run_id, checkpoint = find_resumable_run(cfg, run_id)
