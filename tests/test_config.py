@@ -157,7 +157,7 @@ def test_smoke_variants_read_shared_data_by_a_relative_path():
         if cfg.data.path.startswith("builtin:"):
             continue
         assert not Path(cfg.data.path).is_absolute(), path
-        assert cfg.resolve_path(cfg.data.path).resolve().is_relative_to(REPO.parent / "shared" / "data") \
+        assert cfg.resolve_path(cfg.data.path).resolve().is_relative_to((REPO.parent / "shared" / "data").resolve()) \
             or not (REPO.parent / "shared").is_dir(), path
 
 
