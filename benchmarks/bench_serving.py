@@ -1,0 +1,147 @@
+"""Serving: one request through `mlflow models serve` vs in-process predict; 8 concurrent clients vs 1.
+
+    .venv/bin/python benchmarks/bench_serving.py [--smoke] [--pairs 10] [--max-new-tokens 16]
+
+The base model folder is logged as loraflow's pyfunc (serving.log_model: the TextGenerator that
+registered models use) into a throw-away MLflow store. The same model URI is loaded in this process
+(mlflow.pyfunc.load_model) and served by serving.start_server on 127.0.0.1 (a free port).
+Latency: rounds of one single-prompt request over HTTP, then one in-process predict of the same
+prompt (goal: HTTP / in-process <= 1.1). Throughput: the same batch of single-prompt requests sent
+by 1 client one after another, then by 8 concurrent clients; requests per second per round.
+The server is always stopped; every loop is bounded.
+"""
+from __future__ import annotations
+
+import socket
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def log_pyfunc(cfg, model_path: str) -> str:
+    """Log `model_path` as loraflow's TextGenerator pyfunc; returns its model URI."""
+    import mlflow
+
+    from loraflow import serving
+
+    with mlflow.start_run(run_name="bench-serving"):
+        info = serving.log_model(cfg, model_path)
+    return info.model_uri
+
+
+def latency_arms(url: str, predictor, prompt: str, params: dict, answers: dict) -> dict:
+    import pandas as pd
+
+    from loraflow import serving
+
+    def http() -> dict:
+        seconds, answers["http"] = common.timed(lambda: serving.predict_over_http(url, [prompt], params))
+        return {"seconds": seconds}
+
+    def in_process() -> dict:
+        seconds, answers["in_process"] = common.timed(
+            lambda: list(predictor.predict(pd.DataFrame([{"prompt": prompt}]), params=params)))
+        return {"seconds": seconds}
+    return {"http": http, "in_process": in_process}
+
+
+def throughput_arms(url: str, prompts: list[str], params: dict, clients: int) -> dict:
+    from loraflow import serving
+
+    def send(prompt):
+        return serving.predict_over_http(url, [prompt], params)
+
+    def one_client() -> dict:
+        seconds, _ = common.timed(lambda: [send(p) for p in prompts])
+        return {"seconds": seconds, "requests_per_second": len(prompts) / seconds}
+
+    def many_clients() -> dict:
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            seconds, _ = common.timed(lambda: list(pool.map(send, prompts)))
+        return {"seconds": seconds, "requests_per_second": len(prompts) / seconds}
+    return {f"{clients}_clients": many_clients, "1_client": one_client}
+
+
+def parse_args(argv=None):
+    parser = common.base_parser(__doc__.splitlines()[0], pairs=10)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 16; smoke 4")
+    parser.add_argument("--requests", type=int, default=None, help="requests per throughput arm (default 16; smoke 4)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--throughput-pairs", type=int, default=None, help="default 5; smoke 1")
+    args = common.parse(parser, argv)
+    args.max_new_tokens = args.max_new_tokens or (4 if args.smoke else 16)
+    args.requests = args.requests or (4 if args.smoke else 16)
+    args.throughput_pairs = args.throughput_pairs or (1 if args.smoke else 5)
+    return args
+
+
+def main(argv=None) -> dict:
+    import mlflow
+
+    from loraflow import data, serving
+
+    args = parse_args(argv)
+    common.use_temporary_tracking()
+    model_path = common.model_for(args.smoke)
+    cfg = common.bench_config(model_path, eval={"max_new_tokens": args.max_new_tokens})
+    prompts = [row["prompt"] for row in data.prepare(cfg).splits["test"]][:args.requests]
+    prompts = (prompts * args.requests)[:args.requests]
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0}
+    model_uri = log_pyfunc(cfg, model_path)
+    predictor = mlflow.pyfunc.load_model(model_uri)
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    log_file = tempfile.NamedTemporaryFile(prefix="bench-serving-", suffix=".log", delete=False)
+    process = serving.start_server(model_uri, HOST, port, stdout=log_file, stderr=log_file)
+    answers: dict[str, list[str]] = {}
+    try:
+        startup, _ = common.timed(lambda: serving.wait_until_ready(url, timeout=300, process=process))
+        latency = common.alternate(latency_arms(url, predictor, prompts[0], params, answers), args.pairs, args.warmup)
+        throughput = common.alternate(throughput_arms(url, prompts, params, args.clients), args.throughput_pairs,
+                                      args.warmup)
+    finally:
+        serving.stop_server(process)
+        log_file.close()
+    return report(args, model_path, model_uri, startup, latency, throughput, answers)
+
+
+def report(args, model_path, model_uri, startup, latency, throughput, answers) -> dict:
+    latency_ratio = common.compare(common.column(latency["http"], "seconds"),
+                                   common.column(latency["in_process"], "seconds"))
+    many = f"{args.clients}_clients"
+    throughput_ratio = common.compare(common.column(throughput[many], "requests_per_second"),
+                                      common.column(throughput["1_client"], "requests_per_second"))
+    goals = [common.goal("latency HTTP / in-process predict <= 1.1", latency_ratio["ratio_median"], 1.1,
+                         higher_is_better=False),
+             common.goal(f"throughput {many} / 1 client (report; > 1 means concurrency helps)",
+                         throughput_ratio["ratio_median"], 1.0)]
+    summary = [f"one request, {args.max_new_tokens} new tokens: HTTP {latency_ratio['a_median'] * 1e3:.0f} ms vs "
+               f"in-process {latency_ratio['b_median'] * 1e3:.0f} ms = {latency_ratio['ratio_median']:.2f}x "
+               f"(min-max {latency_ratio['ratio_min_max'][0]:.2f}-{latency_ratio['ratio_min_max'][1]:.2f})",
+               f"{args.requests} requests: {args.clients} clients {throughput_ratio['a_median']:.2f} req/s vs 1 client "
+               f"{throughput_ratio['b_median']:.2f} req/s = {throughput_ratio['ratio_median']:.2f}x "
+               f"(one uvicorn worker; TextGenerator generates one request at a time); server start {startup:.1f} s"]
+    payload = {"summary": summary, "model": model_path, "model_uri": model_uri, "server_startup_seconds": startup,
+               "settings": {"max_new_tokens": args.max_new_tokens, "requests": args.requests,
+                            "clients": args.clients, "throughput_pairs": args.throughput_pairs, "workers": 1},
+               "latency_http_vs_in_process": latency_ratio, "throughput_many_vs_one": throughput_ratio,
+               "same_answer_http_and_in_process": answers.get("http") == answers.get("in_process"),
+               "goals": goals, "samples": {"latency": latency, "throughput": throughput}}
+    common.write_results("serving", args, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""Training throughput: loraflow's training path vs the plain Hugging Face way, side by side.
+
+    .venv/bin/python benchmarks/bench_train.py [--smoke] [--pairs 5] [--steps 6]
+
+A = loraflow: models.load_model + models.attach_lora with model.dtype=auto (bf16 weights and bf16
+autocast on a CPU with AMX/AVX512-BF16), data.training_examples (completion-only labels) and
+train.build_trainer (dynamic padding, group_by_length, MLflow logging into a throw-away store).
+B = the way public notebooks do it: the model in fp32, PEFT LoRA with the same settings, the chat
+text tokenised with padding="max_length", DataCollatorForLanguageModeling(mlm=False) (labels =
+input_ids with pad masked), a default Trainer. Same model, rows, batch, steps, schedule and seed.
+
+Both arms train one epoch over the same steps x batch training rows (a random sample of the data).
+Useful tokens = target (completion) tokens inside max_length, counted the same way for both arms;
+training seconds = Trainer.train() wall time minus its evaluation time (loraflow evaluates at the
+end of training; the baseline has no evaluation). Loss check: each arm's trained adapter is scored
+on the same held-out rows (completion-only loss, fp32), plus each arm's last training loss.
+FLOP/s: 4 x N x positions / s, N = weights of every nn.Linear a token passes through (the frozen
+base incl. lm_head; LoRA training costs forward 2N + activation gradients 2N, no weight gradients
+for frozen weights; attention scores and LoRA matrices ignored), as a fraction of torch.matmul
+FLOP/s measured in this process in the arm's compute dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+class TokenCounter:
+    """Wraps a collator and hooks the model: counts label, real and padded tokens of trained batches only.
+
+    The collator notes each batch's counts in a queue; a forward pre-hook takes the oldest one when the
+    model runs in training mode. Batches fetched ahead and never trained on (the data loader looks one
+    batch ahead) and evaluation batches are not counted.
+    """
+
+    def __init__(self, collate, model, target_key: str | None = None):
+        self.collate, self.target_key, self.model, self.pending = collate, target_key, model, []
+        self.label_tokens = self.real_tokens = self.positions = 0
+        model.register_forward_pre_hook(self.count_trained, with_kwargs=True)
+
+    def __call__(self, features):
+        targets = [f.pop(self.target_key) for f in features] if self.target_key else None
+        batch = self.collate(features)
+        if self.model.training:
+            labels = sum(targets) if targets is not None else int((batch["labels"] != -100).sum())
+            self.pending.append((labels, int(batch["attention_mask"].sum()), int(batch["input_ids"].numel())))
+        return batch
+
+    def count_trained(self, module, args, kwargs):
+        if module.training and self.pending:
+            labels, real, positions = self.pending.pop(0)
+            self.label_tokens, self.real_tokens = self.label_tokens + labels, self.real_tokens + real
+            self.positions += positions
+
+
+def linear_weights(model) -> int:
+    """Weights of every nn.Linear a token passes through (LoRA matrices excluded)."""
+    import torch
+
+    return sum(module.weight.numel() for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and "lora_" not in name)
+
+
+def matmul_flops(dtype, size: int, repeats: int = 8) -> float:
+    """Best FLOP/s of torch.matmul on size x size matrices in `dtype` (3 timed batches of `repeats`)."""
+    import torch
+
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(2):
+        torch.matmul(a, b)
+    best = min(common.timed(lambda: [torch.matmul(a, b) for _ in range(repeats)])[0] for _ in range(3))
+    return 2 * size ** 3 * repeats / best
+
+
+def train_seconds(trainer, wall: float) -> tuple[float, float]:
+    """(training seconds, evaluation seconds) of one Trainer.train() call that took `wall` seconds."""
+    evaluation = sum(entry.get("eval_runtime", 0.0) for entry in trainer.state.log_history)
+    return wall - evaluation, evaluation
+
+
+def last_train_loss(trainer) -> float:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][-1]
+
+
+def measurement(trainer, counter: TokenCounter, wall: float, setup: float) -> dict:
+    seconds, evaluation = train_seconds(trainer, wall)
+    return {"train_seconds": seconds, "eval_seconds": evaluation, "setup_seconds": setup,
+            "label_tokens": counter.label_tokens, "real_tokens": counter.real_tokens,
+            "positions": counter.positions, "tokens_per_second": counter.label_tokens / seconds,
+            "positions_per_second": counter.positions / seconds, "real_tokens_per_second": counter.real_tokens / seconds,
+            "tokens_per_second_with_eval": counter.label_tokens / wall, "last_train_loss": last_train_loss(trainer)}
+
+
+def time_mlflow_logging(trainer) -> list:
+    """Wrap loraflow's MLflow callback so the seconds its on_log spends are added to the returned cell."""
+    spent = [0.0]
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "MlflowMetrics":
+            original = callback.on_log
+
+            def on_log(*args, original=original, **kwargs):
+                seconds, result = common.timed(lambda: original(*args, **kwargs))
+                spent[0] += seconds
+                return result
+            callback.on_log = on_log
+    return spent
+
+
+def without_autocast(make_arguments):
+    """train.training_arguments with bf16 (autocast) off; the weights stay as load_model made them."""
+    def make(cfg, output_dir, bf16, has_eval):
+        return make_arguments(cfg, output_dir, False, has_eval)
+    return make
+
+
+def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast: bool = True):
+    """One loraflow training run of cfg.train.max_steps steps, through its own code path."""
+    from unittest import mock
+
+    import mlflow
+    import torch
+
+    from loraflow import models, train
+
+    def run() -> dict:
+        torch.manual_seed(cfg.train.seed)
+        model, tokenizer = models.load_model(cfg, model_path)
+        model = models.attach_lora(model, cfg)
+        output_dir = Path(tempfile.mkdtemp(prefix="bench-loraflow-", dir=cfg.train.output_dir))
+        make_arguments = train.training_arguments if autocast else without_autocast(train.training_arguments)
+        with mock.patch.object(train, "training_arguments", make_arguments):
+            setup, (trainer, counter) = common.timed(
+                lambda: train.build_trainer(cfg, model, tokenizer, prepared, output_dir))
+        tokens = counter.collate = TokenCounter(counter.collate, model)
+        logging = time_mlflow_logging(trainer)
+        with mlflow.start_run():
+            wall, _ = common.timed(trainer.train)
+        kept[name] = (model, tokenizer)
+        return {**measurement(trainer, tokens, wall, setup), "mlflow_logging_seconds": logging[0],
+                "train_py_counted_tokens": counter.tokens}  # what train.run would log as train/tokens
+    return run
+
+
+def one_epoch_of_rows(prepared, cfg):
+    """Keep steps x batch training rows, so both arms train one epoch over exactly the same rows.
+
+    Both then learn the same target tokens; only the order and padding differ (with a longer data
+    set, group_by_length would start loraflow on its longest rows and skew a few-step comparison).
+    """
+    rows = prepared.splits["train"][:cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum]
+    return dataclasses.replace(prepared, splits={**prepared.splits, "train": rows})
+
+
+def epoch_padding(prepared, tokenizer, cfg) -> dict:
+    """Positions computed over one full epoch of the whole training split: loraflow's length-grouped
+    batches with dynamic padding vs padding every row to max_length (the baseline)."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from loraflow import data
+
+    lengths = [len(e["input_ids"]) for e in data.training_examples(prepared.splits["train"], tokenizer, cfg)]
+    size = cfg.train.batch_size * cfg.train.grad_accum
+    order = get_length_grouped_indices(lengths, size, generator=torch.Generator().manual_seed(cfg.train.seed))
+    grouped = sum(max(lengths[i] for i in order[s:s + size]) * len(order[s:s + size])
+                  for s in range(0, len(order), size))
+    return {"rows": len(lengths), "real_tokens": sum(lengths), "loraflow_positions": grouped,
+            "baseline_positions": len(lengths) * cfg.data.max_length,
+            "baseline_over_loraflow_positions": len(lengths) * cfg.data.max_length / grouped}
+
+
+VARIANTS = {  # proposals for loraflow's path, tried with --variants
+    "no_dropout": "lora.dropout=0: PEFT then skips the dropout mask it draws for every LoRA input",
+    "no_autocast": "bf16 weights without bf16 autocast (TrainingArguments.bf16=False)",
+}
+
+
+def variant_arm(variant: str, cfg, model_path: str, prepared, kept: dict):
+    if variant == "no_dropout":
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
+    return loraflow_arm(f"loraflow_{variant}", cfg, model_path, prepared, kept, autocast=variant != "no_autocast")
+
+
+def baseline_dataset(rows: list[dict], tokenizer, cfg):
+    """Public-notebook style: the whole chat padded to max_length; target token counts kept aside."""
+    import datasets
+
+    from loraflow import data
+
+    texts, targets = [], []
+    for row in rows:
+        examples = data.tokenize_sft([row], tokenizer, cfg)  # only to count the same useful tokens as loraflow
+        if not examples:
+            continue
+        targets.append(sum(label != data.IGNORE_INDEX for label in examples[0]["labels"]))
+        texts.append(tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["target"]}],
+            tokenize=False))
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.data.max_length)
+    return datasets.Dataset.from_dict({**encoded, "target_tokens": targets})
+
+
+def baseline_arm(cfg, model_path: str, rows: list[dict], kept: dict):
+    """The plain way: fp32, padding to max_length, DataCollatorForLanguageModeling, a default Trainer."""
+    import peft
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
+                              TrainingArguments)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    setup, dataset = common.timed(lambda: baseline_dataset(rows, tokenizer, cfg))
+
+    def run() -> dict:
+        torch.manual_seed(cfg.train.seed)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules="all-linear", task_type="CAUSAL_LM"))
+        args = TrainingArguments(
+            output_dir=tempfile.mkdtemp(prefix="bench-baseline-", dir=cfg.train.output_dir),
+            per_device_train_batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.grad_accum,
+            learning_rate=cfg.train.learning_rate, lr_scheduler_type=cfg.train.lr_scheduler,
+            max_steps=cfg.train.max_steps, logging_steps=1, seed=cfg.train.seed, report_to="none",
+            remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+        counter = TokenCounter(DataCollatorForLanguageModeling(tokenizer, mlm=False), model, target_key="target_tokens")
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=counter)
+        wall, _ = common.timed(trainer.train)
+        kept["baseline"] = (model, tokenizer)
+        return measurement(trainer, counter, wall, setup)
+    return run
+
+
+def heldout_loss(model, tokenizer, examples: list[dict], batch_size: int = 8) -> float:
+    """Token-weighted completion-only loss of `model` in fp32 on tokenised held-out examples."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    model = model.float().eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate([dict(e) for e in examples[start:start + batch_size]])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                                       ignore_index=-100, reduction="sum")
+            total, count = total + float(losses), count + int((labels != -100).sum())
+    return total / count
+
+
+def parse_args(argv=None):
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 6; smoke 2)")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--heldout-rows", type=int, default=None,
+                        help="validation rows for the loss check and loraflow's own evaluation (default 32; smoke 8)")
+    parser.add_argument("--variants", default="", help=f"extra loraflow arms, comma-separated: {', '.join(VARIANTS)}")
+    args = common.parse(parser, argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if set(args.variants) - set(VARIANTS):
+        parser.error(f"unknown --variants {sorted(set(args.variants) - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
+    args.steps = args.steps or (2 if args.smoke else 6)
+    args.heldout_rows = args.heldout_rows or (8 if args.smoke else 32)
+    return args
+
+
+def flops_summary(samples: list[dict], weights: int, peak: float) -> dict:
+    hardware = statistics.median(4 * weights * s["positions_per_second"] for s in samples)
+    useful = statistics.median(4 * weights * s["real_tokens_per_second"] for s in samples)
+    return {"flops_per_second": hardware, "useful_flops_per_second": useful,
+            "matmul_flops_per_second": peak, "fraction_of_matmul": hardware / peak,
+            "useful_fraction_of_matmul": useful / peak}
+
+
+def main(argv=None) -> dict:
+    import torch
+
+    from loraflow import data, models
+
+    args = parse_args(argv)
+    common.use_temporary_tracking()
+    model_path = common.model_for(args.smoke)
+    cfg = common.bench_config(model_path, data={"max_length": args.max_length},
+                              train={"max_steps": args.steps, "batch_size": args.batch_size,
+                                     "eval_rows": args.heldout_rows})
+    full = data.prepare(cfg)
+    prepared = one_epoch_of_rows(full, cfg)
+    dtype = models.compute_dtype(cfg)
+    kept: dict = {}
+    arms = {"loraflow": loraflow_arm("loraflow", cfg, model_path, prepared, kept),
+            "baseline": baseline_arm(cfg, model_path, prepared.splits["train"], kept)}
+    arms.update({f"loraflow_{v}": variant_arm(v, cfg, model_path, prepared, kept) for v in args.variants})
+    size = 256 if args.smoke else 2048
+    peaks_before = {"bf16": matmul_flops(torch.bfloat16, size), "fp32": matmul_flops(torch.float32, size)}
+    samples = common.alternate(arms, args.pairs, args.warmup)
+    peaks_after = {"bf16": matmul_flops(torch.bfloat16, size), "fp32": matmul_flops(torch.float32, size)}
+    peaks = {key: max(peaks_before[key], peaks_after[key]) for key in peaks_before}
+    heldout = data.training_examples(prepared.splits["validation"][:cfg.train.eval_rows], kept["loraflow"][1], cfg)
+    losses = {arm: heldout_loss(*kept[arm], heldout) for arm in arms}
+    weights = linear_weights(kept["baseline"][0])
+    padding = epoch_padding(full, kept["loraflow"][1], cfg)
+    del kept
+    return report(args, cfg, samples, losses, weights, peaks, {"before": peaks_before, "after": peaks_after},
+                  "bf16" if dtype == torch.bfloat16 else "fp32", model_path, padding)
+
+
+def overheads(samples: dict) -> dict:
+    """Where loraflow's wall time goes besides training steps, and what train.py itself would count."""
+    ours, baseline = samples["loraflow"], samples["baseline"]
+
+    def median(rows, key):
+        return statistics.median(common.column(rows, key))
+    return {"eval_seconds_in_train": median(ours, "eval_seconds"),
+            "mlflow_logging_seconds": median(ours, "mlflow_logging_seconds"),
+            "train_seconds": median(ours, "train_seconds"),
+            "setup_seconds": {"loraflow": median(ours, "setup_seconds"), "baseline": median(baseline, "setup_seconds")},
+            "train_py_counted_over_training_tokens": statistics.median(
+                s["train_py_counted_tokens"] / s["label_tokens"] for s in ours)}
+
+
+def variants_report(variants: list[str], samples: dict, losses: dict) -> dict:
+    """Each variant arm against the baseline and against loraflow as it is."""
+    report = {}
+    for variant in variants:
+        name = f"loraflow_{variant}"
+        speeds = common.column(samples[name], "tokens_per_second")
+        vs_baseline = common.compare(speeds, common.column(samples["baseline"], "tokens_per_second"))
+        vs_loraflow = common.compare(speeds, common.column(samples["loraflow"], "tokens_per_second"))
+        report[variant] = {
+            "description": VARIANTS[variant], "vs_baseline": vs_baseline, "vs_loraflow": vs_loraflow,
+            "heldout_loss": losses[name],
+            "summary": [f"variant {variant} ({VARIANTS[variant]}): {vs_baseline['ratio_median']:.2f}x baseline, "
+                        f"{vs_loraflow['ratio_median']:.2f}x loraflow as it is (min-max "
+                        f"{vs_loraflow['ratio_min_max'][0]:.2f}-{vs_loraflow['ratio_min_max'][1]:.2f}); "
+                        f"held-out loss {losses[name]:.4f}"]}
+    return report
+
+
+def report(args, cfg, samples, losses, weights, peaks, peak_runs, loraflow_dtype, model_path, padding) -> dict:
+    speed = common.compare(common.column(samples["loraflow"], "tokens_per_second"),
+                           common.column(samples["baseline"], "tokens_per_second"))
+    per_position = common.compare(common.column(samples["loraflow"], "positions_per_second"),
+                                  common.column(samples["baseline"], "positions_per_second"))
+    padding["projected_epoch_ratio"] = per_position["ratio_median"] * padding["baseline_over_loraflow_positions"]
+    speed_with_eval = common.compare(common.column(samples["loraflow"], "tokens_per_second_with_eval"),
+                                     common.column(samples["baseline"], "tokens_per_second_with_eval"))
+    last_losses = {arm: statistics.median(common.column(s, "last_train_loss")) for arm, s in samples.items()}
+    loss_ratio = losses["loraflow"] / losses["baseline"]
+    flops = {"formula": "4 x linear_weights x positions_per_second (positions include padding); useful: x "
+                        "non-padding tokens per second", "linear_weights": weights,
+             "loraflow": flops_summary(samples["loraflow"], weights, peaks[loraflow_dtype]),
+             "baseline": flops_summary(samples["baseline"], weights, peaks["fp32"]),
+             "matmul_size": 256 if args.smoke else 2048, "matmul_flops_per_second": peak_runs}
+    flops["loraflow"]["dtype"], flops["baseline"]["dtype"] = loraflow_dtype, "fp32"
+    goals = [common.goal("useful tokens/s loraflow / baseline >= 2.0", speed["ratio_median"], 2.0),
+             common.goal("held-out loss loraflow / baseline <= 1.02", loss_ratio, 1.02, higher_is_better=False),
+             common.goal("loraflow FLOP/s >= 50% of matmul FLOP/s", flops["loraflow"]["fraction_of_matmul"], 0.5)]
+    summary = [
+        f"useful tokens/s: loraflow {speed['a_median']:.0f} vs baseline {speed['b_median']:.0f} = "
+        f"{speed['ratio_median']:.2f}x (min-max {speed['ratio_min_max'][0]:.2f}-{speed['ratio_min_max'][1]:.2f}); "
+        f"with loraflow's end-of-training evaluation counted: {speed_with_eval['ratio_median']:.2f}x; "
+        f"per position (compute alone) {per_position['ratio_median']:.2f}x",
+        f"a full epoch of the {padding['rows']} training rows would compute "
+        f"{padding['baseline_over_loraflow_positions']:.2f}x fewer positions with loraflow's length-grouped dynamic "
+        f"padding than padded to max_length: projected epoch speed-up {padding['projected_epoch_ratio']:.2f}x",
+        f"held-out loss after {cfg.train.max_steps} steps: loraflow {losses['loraflow']:.4f} vs baseline "
+        f"{losses['baseline']:.4f} (ratio {loss_ratio:.4f}); last training loss {last_losses['loraflow']:.4f} vs "
+        f"{last_losses['baseline']:.4f} (baseline's includes prompt tokens)",
+        f"FLOP/s (4 x {weights / 1e6:.1f}M linear weights x positions/s): loraflow "
+        f"{flops['loraflow']['flops_per_second'] / 1e9:.1f} G = {flops['loraflow']['fraction_of_matmul']:.0%} of "
+        f"{loraflow_dtype} matmul {peaks[loraflow_dtype] / 1e9:.0f} G; baseline "
+        f"{flops['baseline']['flops_per_second'] / 1e9:.1f} G = {flops['baseline']['fraction_of_matmul']:.0%} of fp32 "
+        f"matmul {peaks['fp32'] / 1e9:.0f} G"]
+    payload = {"summary": summary, "model": model_path, "data": cfg.data.path, "loraflow_dtype": loraflow_dtype,
+               "settings": {"steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size,
+                            "max_length": cfg.data.max_length, "lora_r": cfg.lora.r,
+                            "learning_rate": cfg.train.learning_rate, "heldout_rows": cfg.train.eval_rows},
+               "tokens_per_second": speed, "tokens_per_second_with_eval": speed_with_eval,
+               "positions_per_second": per_position, "full_epoch_padding": padding,
+               "loss": {"heldout": losses, "heldout_ratio": loss_ratio, "last_train_loss": last_losses},
+               "flops": flops, "loraflow_overheads": overheads(samples), "goals": goals, "samples": samples}
+    if args.variants:
+        payload["variants"] = variants_report(args.variants, samples, losses)
+        summary += [line for v in payload["variants"].values() for line in v["summary"]]
+    common.write_results("train-variants" if args.variants else "train", args, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Search: wall time for `tune` to come within 1% of the best validation loss, pruning vs no pruning.
+
+    .venv/bin/python benchmarks/bench_tune.py [--smoke] [--pairs 2] [--trials 6] [--steps 8]
+
+After an unmeasured one-trial study (--warmup; the first training in a process pays seconds to
+minutes of one-off costs), each round runs two fresh studies through loraflow's own tune.run, one
+after the other, with the same sampler seed and trial budget: A with the median pruner (validation loss every
+train.eval_steps), B with no pruner. Target = 1.01 x the lowest validation loss either study of the
+round found; an arm's time to target is from its tune.run call to the completion of its first trial
+at or below the target (its whole wall time, flagged not reached, if none). Ratio = B / A: how many
+times less time pruning needs (goal >= 2). Trials write to a throw-away MLflow store and journal.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def study_arm(cfg, trials: int, storage: str, counter: list) -> callable:
+    """One fresh study of `trials` trials per call; returns its trial timeline."""
+    from loraflow import tune
+
+    def run() -> dict:
+        counter[0] += 1
+        name = f"bench-{cfg.tune.pruner}-{counter[0]}"
+        started = time.time()
+        tune.run(cfg, n_trials=trials, study_name=name, storage=storage)
+        wall = time.time() - started
+        study = tune.load_study(name, storage)
+        timeline = [{"number": t.number, "state": t.state.name, "value": t.value,
+                     "done_after_seconds": t.datetime_complete.timestamp() - started if t.datetime_complete else None}
+                    for t in study.get_trials()]
+        complete = [t["value"] for t in timeline if t["state"] == "COMPLETE"]
+        return {"wall_seconds": wall, "best_value": min(complete) if complete else float("inf"),
+                "pruned": sum(t["state"] == "PRUNED" for t in timeline), "study": name, "trials": timeline}
+    return run
+
+
+def time_to_target(sample: dict, target: float) -> tuple[float, bool]:
+    """Seconds until the first completed trial with value <= target (else the whole wall time, False)."""
+    hits = [t["done_after_seconds"] for t in sample["trials"]
+            if t["state"] == "COMPLETE" and t["value"] is not None and t["value"] <= target]
+    return (min(hits), True) if hits else (sample["wall_seconds"], False)
+
+
+def parse_args(argv=None):
+    parser = common.base_parser(__doc__.splitlines()[0], pairs=2)
+    parser.add_argument("--trials", type=int, default=None, help="trials per study (default 6; smoke 2)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per trial (default 8; smoke 2)")
+    parser.add_argument("--eval-every", type=int, default=None, help="train.eval_steps (default 2; smoke 1)")
+    args = common.parse(parser, argv)
+    args.trials = args.trials or (2 if args.smoke else 6)
+    args.steps = args.steps or (2 if args.smoke else 8)
+    args.eval_every = args.eval_every or (1 if args.smoke else 2)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    common.use_temporary_tracking()
+    model_path = common.model_for(args.smoke)
+    storage = str(Path(tempfile.mkdtemp(prefix="bench-optuna-")) / "journal.log")
+    tune_settings = {"n_trials": args.trials, "sampler_seed": 0, "pruner_startup_trials": 1 if args.smoke else 2,
+                     "sampler_startup_trials": 1 if args.smoke else 3, "r_choices": [4, 8, 16],
+                     "lr_low": 1e-4, "lr_high": 3e-3}
+    train_settings = {"max_steps": args.steps, "eval_steps": args.eval_every, "save_steps": 10_000,
+                      "eval_rows": 16, "batch_size": 4 if args.smoke else 8}
+    configs = {name: common.bench_config(model_path, train=train_settings, tune={**tune_settings, "pruner": pruner})
+               for name, pruner in (("pruning", "median"), ("no_pruning", "none"))}
+    counter = [0]
+    for _ in range(args.warmup):  # a one-trial study pays the first-use costs (kernels, file cache) unmeasured
+        study_arm(configs["pruning"], 1, storage, counter)()
+    arms = {name: study_arm(cfg, args.trials, storage, counter) for name, cfg in configs.items()}
+    samples = common.alternate(arms, args.pairs, warmup=0)
+    return report(args, model_path, samples, tune_settings, train_settings)
+
+
+def report(args, model_path, samples, tune_settings, train_settings) -> dict:
+    rounds = []
+    for pruning, plain in zip(samples["pruning"], samples["no_pruning"]):
+        target = 1.01 * min(pruning["best_value"], plain["best_value"])
+        (a, a_hit), (b, b_hit) = time_to_target(pruning, target), time_to_target(plain, target)
+        rounds.append({"target": target, "pruning_seconds": a, "pruning_reached": a_hit,
+                       "no_pruning_seconds": b, "no_pruning_reached": b_hit})
+    to_target = common.compare(common.column(rounds, "no_pruning_seconds"), common.column(rounds, "pruning_seconds"))
+    wall = common.compare(common.column(samples["no_pruning"], "wall_seconds"),
+                          common.column(samples["pruning"], "wall_seconds"))
+    goals = [common.goal("time to within 1% of best: no pruning / pruning >= 2", to_target["ratio_median"], 2.0)]
+    summary = [f"{args.trials} trials x {args.steps} steps: time to within 1% of the best: no pruning "
+               f"{to_target['a_median']:.0f} s vs pruning {to_target['b_median']:.0f} s = {to_target['ratio_median']:.2f}x "
+               f"(min-max {to_target['ratio_min_max'][0]:.2f}-{to_target['ratio_min_max'][1]:.2f}); whole study "
+               f"{wall['a_median']:.0f} s vs {wall['b_median']:.0f} s = {wall['ratio_median']:.2f}x; pruned trials "
+               f"{[s['pruned'] for s in samples['pruning']]}; target reached by pruning in "
+               f"{sum(r['pruning_reached'] for r in rounds)} of {len(rounds)} rounds"]
+    payload = {"summary": summary, "model": model_path, "data": common.data_source()[0],
+               "settings": {"trials": args.trials, "train": train_settings, "tune": tune_settings},
+               "time_to_target_no_pruning_over_pruning": to_target, "wall_no_pruning_over_pruning": wall,
+               "rounds": rounds, "best_value": {name: [s["best_value"] for s in arm] for name, arm in samples.items()},
+               "pruned_trials": {name: [s["pruned"] for s in arm] for name, arm in samples.items()},
+               "goals": goals, "samples": samples}
+    common.write_results("tune", args, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Shared benchmark plumbing: A/B alternation, medians and ratios, machine info, results JSON.
+
+    from common import alternate, compare, write_results
+    samples = alternate({"loraflow": run_a, "baseline": run_b}, pairs=5, warmup=1)
+    ratio = compare([s["tokens_per_second"] for s in samples["loraflow"]],
+                    [s["tokens_per_second"] for s in samples["baseline"]])
+
+Every benchmark measures its arms side by side in one process, alternating them round by round
+(A B, A B, ...) after a warm-up round, and reports per-arm medians plus the median of the per-round
+A/B ratios with their min-max. Results go to benchmarks/results/<name>.json (`<name>-smoke.json`
+for --smoke runs), with the machine, its load and the package versions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+AMAZON_TITLES = SHARED_DATA / "amazon_titles" / "trn_sample.jsonl"
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "mlflow",
+            "optuna", "loraflow")
+
+
+def base_parser(description: str, pairs: int = 5, smoke_pairs: int = 1) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --smoke, --pairs, --warmup, --results-dir."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true", help="a tiny random model and a few steps (for tests)")
+    parser.add_argument("--pairs", type=int, default=None, help=f"measured A/B rounds (default {pairs}; smoke {smoke_pairs})")
+    parser.add_argument("--warmup", type=int, default=None, help="unmeasured rounds first (default 1; smoke 0)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.set_defaults(default_pairs=pairs, smoke_pairs=smoke_pairs)
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.pairs is None:
+        args.pairs = args.smoke_pairs if args.smoke else args.default_pairs
+    if args.warmup is None:
+        args.warmup = 0 if args.smoke else 1
+    args.command = command_line(argv)
+    args.load_at_start = load_now()
+    return args
+
+
+def command_line(argv=None) -> str:
+    script = Path(sys.argv[0]).name if argv is None else "benchmarks/<script>.py"
+    if argv is None and Path(sys.argv[0]).resolve().parent == BENCH_DIR:
+        script = f"benchmarks/{Path(sys.argv[0]).name}"
+    return shlex.join([".venv/bin/python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
+def alternate(arms: dict[str, Callable[[], dict]], pairs: int, warmup: int = 1,
+              log: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
+    """Run every arm once per round, in the given order, `warmup` unmeasured rounds then `pairs` measured ones.
+
+    Each arm returns a dict of measurements; the result maps arm name -> one dict per measured round.
+    """
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    samples: dict[str, list[dict]] = {name: [] for name in arms}
+    for round_index in range(warmup + pairs):
+        measured = round_index >= warmup
+        for name, arm in arms.items():
+            sample = arm()
+            if measured:
+                samples[name].append(sample)
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in sample.items()
+                     if isinstance(v, (int, float))}
+            log(f"[{'round ' + str(round_index - warmup + 1) if measured else 'warm-up'}] {name}: {shown}")
+    return samples
+
+
+def timed(func: Callable[[], object]) -> tuple[float, object]:
+    """(seconds, result) of one call, with perf_counter."""
+    started = time.perf_counter()
+    result = func()
+    return time.perf_counter() - started, result
+
+
+def compare(a: list[float], b: list[float]) -> dict:
+    """Medians of A and B, and the median, min and max of the per-round ratios A/B."""
+    ratios = [x / y if y else float("inf") for x, y in zip(a, b)]
+    return {"a_median": statistics.median(a), "b_median": statistics.median(b),
+            "a_min_max": [min(a), max(a)], "b_min_max": [min(b), max(b)],
+            "ratio_median": statistics.median(ratios), "ratio_min_max": [min(ratios), max(ratios)],
+            "ratios": ratios}
+
+
+def column(samples: list[dict], key: str) -> list[float]:
+    return [float(s[key]) for s in samples]
+
+
+def goal(description: str, value: float, threshold: float, higher_is_better: bool = True) -> dict:
+    met = value >= threshold if higher_is_better else value <= threshold
+    return {"goal": description, "value": value, "threshold": threshold, "met": bool(met)}
+
+
+def machine_info() -> dict:
+    """CPU model, cores, torch threads, load average (the machine may be shared), platform."""
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_results(name: str, args: argparse.Namespace, payload: dict) -> Path:
+    """Write benchmarks/results/<name>.json (or <name>-smoke.json) with machine info and versions."""
+    from loraflow.tracking import git_sha
+
+    record = {"benchmark": name, "smoke": bool(args.smoke), "command": args.command,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "git_sha": git_sha(),
+              "pairs": args.pairs, "warmup": args.warmup, "machine": machine_info(),
+              "load_average_at_start": getattr(args, "load_at_start", None), "versions": package_versions(), **payload}
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"{name}{'-smoke' if args.smoke else ''}.json"
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    staging.replace(path)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def load_now() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def data_source() -> tuple[str, dict]:
+    """The amazon_titles sample from ../shared/data when present, else the built-in catalogue."""
+    if AMAZON_TITLES.is_file():
+        return str(AMAZON_TITLES), {"prompt_template": "Title: {title}", "target_template": "{content}"}
+    return "builtin:catalogue", {"prompt_template": "Write a product description for: {title}",
+                                 "target_template": "{content}", "builtin_rows": 400}
+
+
+def bench_config(model_name: str, **sections):
+    """A validated loraflow Config for benchmarks: the benchmark data set, `sections` merged over."""
+    from loraflow.config import from_dict
+
+    path, fields = data_source()
+    raw = {"name": "bench", "model": {"name": model_name, "quantization": "none", "dtype": "auto"},
+           "data": {"path": path, "max_length": 128, **fields},
+           "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
+           "train": {"learning_rate": 1e-3, "batch_size": 8, "warmup_ratio": 0.0, "logging_steps": 1,
+                     "eval_steps": 10_000, "save_steps": 10_000, "eval_rows": 32,
+                     "output_dir": tempfile.mkdtemp(prefix="loraflow-bench-")},
+           "eval": {"num_samples": 16, "max_new_tokens": 32, "batch_size": 8}}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return from_dict(raw, name="bench")
+
+
+def model_for(smoke: bool) -> str:
+    """The real SmolLM2-135M-Instruct folder, or a tiny random Llama built now for --smoke."""
+    from loraflow import models
+
+    if smoke:
+        return str(build_tiny_model(Path(tempfile.mkdtemp(prefix="loraflow-tiny-"))))
+    return models.resolve_model_path("smollm2-135m-instruct")
+
+
+def build_tiny_model(folder: Path) -> Path:
+    """The tests' tiny random Llama (hidden 64, chat template), for --smoke runs."""
+    from loraflow.tiny import build_tiny_llama
+
+    return build_tiny_llama(folder)
+
+
+def use_temporary_tracking() -> str:
+    """Point MLflow (and loraflow) at a throw-away sqlite store, so benchmarks never touch the user's.
+
+    The store is made once per benchmark and handed to subprocesses in LORAFLOW_BENCH_TRACKING_URI
+    (creating a sqlite store costs seconds of schema migrations).
+    """
+    from loraflow import tracking
+
+    uri = os.environ.get("LORAFLOW_BENCH_TRACKING_URI")
+    if not uri:
+        folder = Path(tempfile.mkdtemp(prefix="loraflow-bench-mlflow-"))
+        uri = os.environ["LORAFLOW_BENCH_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    tracking.use_tracking(uri)
+    tracking.use_experiment("benchmarks")
+    return uri

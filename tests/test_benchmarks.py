@@ -1,0 +1,72 @@
+"""Every benchmark runs in --smoke mode on a tiny random model and writes its results JSON.
+
+Timings are never asserted: only that each benchmark runs and records what docs/benchmarks.md needs.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+COMMON_KEYS = {"benchmark", "smoke", "command", "date", "git_sha", "pairs", "warmup", "machine", "versions",
+               "summary", "goals", "samples"}
+SPECIFIC_KEYS = {
+    "train": {"tokens_per_second", "tokens_per_second_with_eval", "loss", "flops", "loraflow_dtype"},
+    "memory": {"peak_rss_mb", "ratio_to_fp32", "ratio_to_fp32_above_floor"},
+    "generate": {"speedup_vs_naive_fp32", "identity", "seconds_median"},
+    "serving": {"latency_http_vs_in_process", "throughput_many_vs_one", "server_startup_seconds"},
+    "tune": {"time_to_target_no_pruning_over_pruning", "wall_no_pruning_over_pruning", "rounds"},
+}
+EXTRA_ARGS = {"memory": ["--configs", "nf4"]}
+
+
+def bench_module(name: str):
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def bench_store(tmp_path_factory) -> str:
+    """One MLflow store for the module's benchmarks (creating a sqlite store costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('bench-store')}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def table_dir(tmp_path_factory) -> Path:
+    """Where the smoke results are copied under their full-run names, for the docs table test."""
+    return tmp_path_factory.mktemp("bench-table")
+
+
+@pytest.mark.parametrize("name", list(SPECIFIC_KEYS))
+def test_benchmark_smoke_writes_results(name, tmp_path, monkeypatch, bench_store, table_dir):
+    monkeypatch.setenv("LORAFLOW_BENCH_TRACKING_URI", bench_store)
+    bench_module(f"bench_{name}").main(["--smoke", "--results-dir", str(tmp_path), *EXTRA_ARGS.get(name, [])])
+    record = json.loads((tmp_path / f"{name}-smoke.json").read_text())
+    assert COMMON_KEYS | SPECIFIC_KEYS[name] <= set(record), set(record) ^ (COMMON_KEYS | SPECIFIC_KEYS[name])
+    assert record["benchmark"] == name and record["smoke"] is True
+    assert record["machine"]["logical_cores"] >= 1 and record["versions"]["torch"]
+    assert record["goals"] and all({"goal", "value", "threshold", "met"} <= set(g) for g in record["goals"])
+    assert record["summary"] and all(isinstance(line, str) for line in record["summary"])
+    if name == "generate":
+        assert record["identity"]["mismatches"] == 0
+    if name == "train":
+        assert record["loss"]["heldout"]["loraflow"] > 0 and record["loss"]["heldout"]["baseline"] > 0
+    shutil.copy(tmp_path / f"{name}-smoke.json", table_dir / f"{name}.json")
+
+
+def test_docs_table_lists_every_goal(table_dir):
+    run_all = bench_module("run_all")
+    written = {p.stem for p in table_dir.glob("*.json")}
+    if not written:
+        pytest.skip("no benchmark results from the smoke tests above")
+    text = run_all.table(table_dir)
+    for name in written:
+        record = json.loads((table_dir / f"{name}.json").read_text())
+        assert all(goal["goal"] in text for goal in record["goals"])
+        assert record["command"] in text
