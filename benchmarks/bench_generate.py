@@ -1,6 +1,6 @@
 """Evaluation generation: loraflow's batched generate vs one prompt at a time, greedy outputs compared.
 
-    .venv/bin/python benchmarks/bench_generate.py [--smoke] [--pairs 5] [--prompts 32] [--max-new-tokens 32]
+    .venv/bin/python benchmarks/bench_generate.py [--smoke] [--pairs 5] [--prompts 16] [--max-new-tokens 32]
 
 Arms, each answering the same held-out prompts once per round:
   loraflow_fp32     evaluate.generate (batches of eval.batch_size, left padding, sorted by length),
@@ -52,12 +52,12 @@ def mismatches(a: list[str], b: list[str]) -> list[int]:
 
 
 def parse_args(argv=None):
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=None, help="held-out prompts answered per arm (default 32; smoke 4)")
+    parser = common.base_parser(__file__, __doc__)
+    parser.add_argument("--prompts", type=int, default=None, help="held-out prompts answered per arm (default 16; smoke 4)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 32; smoke 4")
     parser.add_argument("--batch-size", type=int, default=8, help="eval.batch_size of the loraflow arms")
     args = common.parse(parser, argv)
-    args.prompts = args.prompts or (4 if args.smoke else 32)
+    args.prompts = args.prompts or (4 if args.smoke else 16)
     args.max_new_tokens = args.max_new_tokens or (4 if args.smoke else 32)
     return args
 

@@ -1,6 +1,6 @@
 """Peak memory of LoRA training with nf4, int8 and none (bf16), each against fp32 LoRA.
 
-    .venv/bin/python benchmarks/bench_memory.py [--smoke] [--pairs 3] [--steps 3]
+    .venv/bin/python benchmarks/bench_memory.py [--smoke] [--pairs 2] [--steps 2] [--configs none,int8,nf4]
 
 Every configuration trains a few steps through loraflow's own path (models.load_model, attach_lora,
 train.build_trainer, Trainer.train) in a fresh subprocess, which reports its peak resident set size
@@ -13,6 +13,7 @@ from /proc/self/status is recorded beside it as a cross-check.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -109,15 +110,15 @@ def measure_rounds(names: list[str], model_path: str, steps: int, rounds: int, p
 
 
 def parse_args(argv=None):
-    parser = common.base_parser(__doc__.splitlines()[0], pairs=3)
-    parser.add_argument("--steps", type=int, default=None, help="training steps per child (default 3; smoke 1)")
+    parser = common.base_parser(__file__, __doc__, pairs=2)
+    parser.add_argument("--steps", type=int, default=None, help="training steps per child (default 2; smoke 1)")
     parser.add_argument("--configs", default=",".join(c for c in CONFIGURATIONS if c != "fp32"),
                         help="configurations to compare with fp32, comma-separated (default: none,int8,nf4)")
     parser.add_argument("--parallel", action="store_true", help="run a round's subprocesses at once (smoke default)")
-    parser.add_argument("--child", choices=[*CONFIGURATIONS, FLOOR], help=argparse_hidden())
-    parser.add_argument("--model", help=argparse_hidden())
+    parser.add_argument("--child", choices=[*CONFIGURATIONS, FLOOR], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     args = common.parse(parser, argv)
-    args.steps = args.steps or (1 if args.smoke else 3)
+    args.steps = args.steps or (1 if args.smoke else 2)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in CONFIGURATIONS or c == "fp32"]
     if unknown:
@@ -125,12 +126,6 @@ def parse_args(argv=None):
     args.parallel = args.parallel or args.smoke
     args.warmup = 0
     return args
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def main(argv=None) -> dict:

@@ -75,14 +75,14 @@ def throughput_arms(url: str, prompts: list[str], params: dict, clients: int) ->
 
 
 def parse_args(argv=None):
-    parser = common.base_parser(__doc__.splitlines()[0], pairs=10)
+    parser = common.base_parser(__file__, __doc__, pairs=10)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 16; smoke 4")
-    parser.add_argument("--requests", type=int, default=None, help="requests per throughput arm (default 16; smoke 4)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per throughput arm (default 8; smoke 4)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--throughput-pairs", type=int, default=None, help="default 5; smoke 1")
     args = common.parse(parser, argv)
     args.max_new_tokens = args.max_new_tokens or (4 if args.smoke else 16)
-    args.requests = args.requests or (4 if args.smoke else 16)
+    args.requests = args.requests or (4 if args.smoke else 8)
     args.throughput_pairs = args.throughput_pairs or (1 if args.smoke else 5)
     return args
 

@@ -1,6 +1,6 @@
 """Training throughput: loraflow's training path vs the plain Hugging Face way, side by side.
 
-    .venv/bin/python benchmarks/bench_train.py [--smoke] [--pairs 5] [--steps 6]
+    .venv/bin/python benchmarks/bench_train.py [--smoke] [--pairs 5] [--steps 3] [--variants no_dropout,no_autocast]
 
 A = loraflow: models.load_model + models.attach_lora with model.dtype=auto (bf16 weights and bf16
 autocast on a CPU with AMX/AVX512-BF16), data.training_examples (completion-only labels) and
@@ -257,8 +257,8 @@ def heldout_loss(model, tokenizer, examples: list[dict], batch_size: int = 8) ->
 
 
 def parse_args(argv=None):
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 6; smoke 2)")
+    parser = common.base_parser(__file__, __doc__)
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 3; smoke 2)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--heldout-rows", type=int, default=None,
@@ -268,7 +268,7 @@ def parse_args(argv=None):
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if set(args.variants) - set(VARIANTS):
         parser.error(f"unknown --variants {sorted(set(args.variants) - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
-    args.steps = args.steps or (2 if args.smoke else 6)
+    args.steps = args.steps or (2 if args.smoke else 3)
     args.heldout_rows = args.heldout_rows or (8 if args.smoke else 32)
     return args
 

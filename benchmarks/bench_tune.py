@@ -1,6 +1,6 @@
 """Search: wall time for `tune` to come within 1% of the best validation loss, pruning vs no pruning.
 
-    .venv/bin/python benchmarks/bench_tune.py [--smoke] [--pairs 2] [--trials 6] [--steps 8]
+    .venv/bin/python benchmarks/bench_tune.py [--smoke] [--pairs 2] [--trials 8] [--steps 4] [--eval-every 1]
 
 After an unmeasured one-trial study (--warmup; the first training in a process pays seconds to
 minutes of one-off costs), each round runs two fresh studies through loraflow's own tune.run, one
@@ -49,14 +49,14 @@ def time_to_target(sample: dict, target: float) -> tuple[float, bool]:
 
 
 def parse_args(argv=None):
-    parser = common.base_parser(__doc__.splitlines()[0], pairs=2)
-    parser.add_argument("--trials", type=int, default=None, help="trials per study (default 6; smoke 2)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per trial (default 8; smoke 2)")
-    parser.add_argument("--eval-every", type=int, default=None, help="train.eval_steps (default 2; smoke 1)")
+    parser = common.base_parser(__file__, __doc__, pairs=2)
+    parser.add_argument("--trials", type=int, default=None, help="trials per study (default 8; smoke 2)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per trial (default 4; smoke 2)")
+    parser.add_argument("--eval-every", type=int, default=None, help="train.eval_steps (default 1)")
     args = common.parse(parser, argv)
-    args.trials = args.trials or (2 if args.smoke else 6)
-    args.steps = args.steps or (2 if args.smoke else 8)
-    args.eval_every = args.eval_every or (1 if args.smoke else 2)
+    args.trials = args.trials or (2 if args.smoke else 8)
+    args.steps = args.steps or (2 if args.smoke else 4)
+    args.eval_every = args.eval_every or 1
     return args
 
 

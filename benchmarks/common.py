@@ -34,9 +34,9 @@ PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes"
             "optuna", "loraflow")
 
 
-def base_parser(description: str, pairs: int = 5, smoke_pairs: int = 1) -> argparse.ArgumentParser:
-    """The options every benchmark takes: --smoke, --pairs, --warmup, --results-dir."""
-    parser = argparse.ArgumentParser(description=description)
+def base_parser(script: str, doc: str, pairs: int = 5, smoke_pairs: int = 1) -> argparse.ArgumentParser:
+    """The options every benchmark takes (--smoke, --pairs, --warmup, --results-dir); pass __file__, __doc__."""
+    parser = argparse.ArgumentParser(prog=f"benchmarks/{Path(script).name}", description=doc.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny random model and a few steps (for tests)")
     parser.add_argument("--pairs", type=int, default=None, help=f"measured A/B rounds (default {pairs}; smoke {smoke_pairs})")
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured rounds first (default 1; smoke 0)")
@@ -51,16 +51,10 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
         args.pairs = args.smoke_pairs if args.smoke else args.default_pairs
     if args.warmup is None:
         args.warmup = 0 if args.smoke else 1
-    args.command = command_line(argv)
+    args.command = shlex.join([".venv/bin/python", parser.prog, *(sys.argv[1:] if argv is None else argv)])
     args.load_at_start = load_now()
     return args
 
-
-def command_line(argv=None) -> str:
-    script = Path(sys.argv[0]).name if argv is None else "benchmarks/<script>.py"
-    if argv is None and Path(sys.argv[0]).resolve().parent == BENCH_DIR:
-        script = f"benchmarks/{Path(sys.argv[0]).name}"
-    return shlex.join([".venv/bin/python", script, *(sys.argv[1:] if argv is None else argv)])
 
 
 def alternate(arms: dict[str, Callable[[], dict]], pairs: int, warmup: int = 1,
