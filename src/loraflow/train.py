@@ -161,6 +161,14 @@ def log_adapter(model, tokenizer) -> Path:
     return adapter_dir
 
 
+def final_eval_loss(trainer) -> float:
+    """The validation loss at the last step: the Trainer's own if it evaluated there, else evaluate now."""
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return float(last["eval_loss"])
+    return float(trainer.evaluate()["eval_loss"])
+
+
 def final_metrics(cfg: Config, trainer, counter: LabelTokenCounter, wall_seconds: float) -> dict:
     trainable, total = trainer.model.get_nb_trainable_parameters()
     metrics = {"train/tokens": counter.tokens, "train/wall_seconds": wall_seconds,
@@ -170,7 +178,7 @@ def final_metrics(cfg: Config, trainer, counter: LabelTokenCounter, wall_seconds
                "train/trainable_params": trainable, "train/total_params": total,
                "train/steps": trainer.state.global_step}
     if trainer.eval_dataset is not None:
-        eval_loss = float(trainer.evaluate()["eval_loss"])
+        eval_loss = final_eval_loss(trainer)
         metrics.update({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))})
     return metrics
 
