@@ -28,8 +28,8 @@ from typing import Callable
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-AMAZON_TITLES = SHARED_DATA / "amazon_titles" / "trn_sample.jsonl"
+SAMPLE_DATA = REPO_ROOT / "data"
+AMAZON_TITLES = SAMPLE_DATA / "amazon_titles" / "trn_sample.jsonl"
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "mlflow",
             "optuna", "loraflow")
 
@@ -151,7 +151,7 @@ def load_now() -> list[float]:
 
 
 def data_source() -> tuple[str, dict]:
-    """The amazon_titles sample from ../shared/data when present, else the built-in catalogue."""
+    """The amazon_titles sample from the repository's data/ folder when present, else the built-in catalogue."""
     if AMAZON_TITLES.is_file():
         return str(AMAZON_TITLES), {"prompt_template": "Title: {title}", "target_template": "{content}"}
     return "builtin:catalogue", {"prompt_template": "Write a product description for: {title}",

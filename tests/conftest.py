@@ -12,7 +12,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +110,6 @@ def run_cli(capsys):
 
 
 @pytest.fixture
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not present")
-    return SHARED_DATA
+def sample_data() -> Path:
+    """The repository's sample data sets (data/, sources and licences in its README)."""
+    return REPO_DATA

@@ -149,7 +149,7 @@ def test_every_project_has_a_config_and_a_smoke_variant():
         assert list(folder.glob("smoke*.yaml")), f"{folder.name} has no smoke variant"
 
 
-def test_smoke_variants_read_shared_data_by_a_relative_path():
+def test_smoke_variants_read_the_repository_data_by_a_relative_path():
     for path in PROJECT_FILES:
         if not path.name.startswith("smoke"):
             continue
@@ -157,8 +157,8 @@ def test_smoke_variants_read_shared_data_by_a_relative_path():
         if cfg.data.path.startswith("builtin:"):
             continue
         assert not Path(cfg.data.path).is_absolute(), path
-        assert cfg.resolve_path(cfg.data.path).resolve().is_relative_to((REPO.parent / "shared" / "data").resolve()) \
-            or not (REPO.parent / "shared").is_dir(), path
+        resolved = cfg.resolve_path(cfg.data.path).resolve()
+        assert resolved.is_relative_to((REPO / "data").resolve()) and resolved.exists(), path
 
 
 def mlproject_entry_points() -> dict:

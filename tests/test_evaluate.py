@@ -157,9 +157,9 @@ def test_seq2seq_model(tiny_t5, write_project, run_cli):
     assert len(details_of(run.info.run_id)) == 4
 
 
-def test_arxiv_titles_real_data(shared_data, tiny_llama, write_project, run_cli):
+def test_arxiv_titles_real_data(sample_data, tiny_llama, write_project, run_cli):
     """Long abstracts: the tiny tokenizer makes 400-1300 tokens of each, hence max_length 1536."""
-    project = write_project(tiny_llama, data={"path": str(shared_data / "arxiv_ml_titles" / "abstract_title.jsonl"),
+    project = write_project(tiny_llama, data={"path": str(sample_data / "arxiv_ml_titles" / "abstract_title.jsonl"),
                                               "prompt_template": "Abstract: {abstract}", "target_template": "{title}",
                                               "max_rows": 40, "max_length": 1536},
                             train={"max_steps": 2}, eval={"metrics": ["rougeL", "token_f1", "sacrebleu"]})

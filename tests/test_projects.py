@@ -42,8 +42,8 @@ def run_smoke(run_cli, variant: str, model: Path, *overrides: str, registers: bo
 
 
 @pytest.fixture
-def amazon_sample(shared_data):
-    return shared_data / "amazon_titles" / "trn_sample.jsonl"
+def amazon_sample(sample_data):
+    return sample_data / "amazon_titles" / "trn_sample.jsonl"
 
 
 def test_quickstart_smoke(tiny_llama, run_cli):
@@ -84,7 +84,7 @@ def test_flan_t5_smoke_trains_evaluates_registers_and_answers(amazon_sample, tin
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
-def test_paper_titles_variants_land_in_one_experiment(shared_data, tiny_llama, run_cli):
+def test_paper_titles_variants_land_in_one_experiment(sample_data, tiny_llama, run_cli):
     """Zero-shot baseline, LoRA on all linear layers, LoRA on the last layer: one experiment, three run names."""
     settings = [*NO_BERTSCORE, *LONG_ABSTRACTS]
     baseline = run_smoke(run_cli, "paper-titles-qwen/smoke-baseline.yaml", tiny_llama, *settings, registers=False)
@@ -104,7 +104,7 @@ def test_paper_titles_variants_land_in_one_experiment(shared_data, tiny_llama, r
     assert train.data.metrics["train/trainable_params"] < full.data.metrics["train/trainable_params"]
 
 
-def test_ptbr_smoke_cpt_and_qa(shared_data, tiny_llama, run_cli):
+def test_ptbr_smoke_cpt_and_qa(sample_data, tiny_llama, run_cli):
     cpt = run_smoke(run_cli, "ptbr-llama31-cpt-sft/smoke-cpt.yaml", tiny_llama)
     train = step_run(cpt, "train")
     assert train.data.params["train.objective"] == "cpt" and train.data.metrics["train/tokens"] > 0
@@ -117,7 +117,7 @@ def test_ptbr_smoke_cpt_and_qa(shared_data, tiny_llama, run_cli):
 
 
 @pytest.mark.real_model
-def test_smoke_variant_as_written_on_smollm2(shared_data, run_cli):
+def test_smoke_variant_as_written_on_smollm2(sample_data, run_cli):
     """amazon-titles-tinyllama-chat/smoke.yaml as shipped (SmolLM2-135M, its chat template, 2 steps):
     train, then judge base vs tuned. (The pipeline around them is covered on the tiny models above.)"""
     variant = PROJECTS / "amazon-titles-tinyllama-chat/smoke.yaml"

@@ -83,8 +83,8 @@ def test_quantized_training_runs(tiny_llama, write_project, run_cli, quantizatio
     assert finished_runs()[0].info.status == "FINISHED"
 
 
-def test_amazon_titles_real_data(shared_data, tiny_llama, write_project, run_cli):
-    project = write_project(tiny_llama, data={"path": str(shared_data / "amazon_titles" / "trn_sample.jsonl"),
+def test_amazon_titles_real_data(sample_data, tiny_llama, write_project, run_cli):
+    project = write_project(tiny_llama, data={"path": str(sample_data / "amazon_titles" / "trn_sample.jsonl"),
                                               "prompt_template": "Title: {title}", "target_template": "{content}",
                                               "max_rows": 120, "max_length": 64}, train={"max_steps": 2})
     code, _, err = run_cli("train", project)
