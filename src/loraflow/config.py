@@ -44,6 +44,8 @@ class ModelConfig:
 class DataConfig:
     path: str = ""  # json array, jsonl, csv, txt; or builtin:catalogue
     format: str = "auto"  # auto | json | jsonl | csv | txt
+    encoding: str = "utf-8"  # text encoding of data.path, read strictly (a BOM is stripped)
+    strip_html: bool = False  # remove <...> tags from field values (for data scraped from HTML)
     prompt_field: str = "prompt"
     target_field: str = "target"
     prompt_template: str = ""  # e.g. "Title: {title}"; default "{<prompt_field>}"
