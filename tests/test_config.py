@@ -1,14 +1,19 @@
-"""Configs: dotted overrides with types, validation listing every problem, `base:` inheritance, every
-shipped project YAML, and every MLproject entry point's command."""
+"""Configs: dotted overrides with types, validation listing every problem, `base:` inheritance, the
+self-description (help, defaults, choices), project lookup, `with_values`, every shipped project YAML,
+and every MLproject entry point's command."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import shlex
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from loraflow.config import ConfigError, Config, load_config
+from loraflow.config import (SECTIONS, ConfigError, Config, LrScheduler, describe, describe_text, from_dict,
+                             load_config, type_problem, with_values)
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = sorted((REPO / "projects").glob("*/*.yaml"))
@@ -130,6 +135,177 @@ def test_config_hash_follows_values_not_the_file(tmp_path):
 def test_unknown_project_is_a_clear_error():
     with pytest.raises(ConfigError, match="unknown project 'no-such-project'"):
         load_config("no-such-project")
+
+
+def test_new_refusals_are_reported_together(project, tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(project), ["eval.bootstrap_samples=0", "data.max_rows=-1", "train.eval_rows=-5",
+                                   "train.warmup_ratio=1.0", "registry.max_new_tokens_cap=0",
+                                   "registry.min_improvement=lots", "train.lr_scheduler=cosine_annealing",
+                                   "registry.model_name=team/model", "registry.alias=v2",
+                                   "eval.metrics=[rougeL, bertscore]", f"eval.bertscore_model={tmp_path / 'none'}",
+                                   "registry.gate_metric=sacrebleu"])
+    message = str(caught.value)
+    assert "\n" not in message
+    for expected in ("eval.bootstrap_samples: must be >= 1, got 0", "data.max_rows: must be >= 0, got -1",
+                     "train.eval_rows: must be >= 0, got -5", "train.warmup_ratio: must be in [0, 1), got 1.0",
+                     "registry.max_new_tokens_cap: must be > 0, got 0",
+                     "registry.min_improvement: expected float, got str 'lots'",
+                     "train.lr_scheduler: 'cosine_annealing' is not one of linear, cosine,",
+                     "registry.model_name 'team/model': MLflow refuses it (Invalid model name",
+                     "registry.alias 'v2': MLflow refuses it (Version alias name 'v2' is reserved.)",
+                     f"eval.bertscore_model: BERTScore model '{tmp_path / 'none'}' is not a local model folder",
+                     "registry.gate_metric 'sacrebleu' is not evaluated: add it to eval.metrics (rougeL, bertscore)"):
+        assert expected in message, expected
+    assert message.count("; ") == 10, message  # one problem each, nothing else
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.objective=cpt"], "registry.gate_metric 'rougeL': continued pretraining is evaluated on loss only; "
+                              "set registry.gate_metric=loss"),
+    (["registry.gate_metric=token_f1"], "registry.gate_metric 'token_f1' is not evaluated"),
+    (["eval.metrics=[bertscore]", "registry.gate_metric=bertscore", "eval.bertscore_model=/no/such/folder"],
+     "eval.bertscore_model: BERTScore model '/no/such/folder'"),
+    (["registry.model_name=team:model"], "registry.model_name 'team:model': MLflow refuses it"),
+    (["registry.model_name=.."], "registry.model_name '..': MLflow refuses it"),
+    (["registry.alias=latest"], "registry.alias 'latest': MLflow refuses it"),
+])
+def test_each_new_refusal(project, overrides, expected):
+    with pytest.raises(ConfigError, match=r"^invalid config: ") as caught:
+        load_config(str(project), overrides)
+    assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.objective=cpt", "registry.gate_metric=loss"], ["train.enabled=false", "registry.gate_metric=sacrebleu"],
+    ["registry.gate_metric=perplexity"], ["eval.metrics=[token_f1]", "registry.gate_metric=token_f1"],
+    ["train.lr_scheduler=constant_with_warmup", "train.warmup_ratio=0", "data.max_rows=0", "train.eval_rows=0",
+     "registry.model_name=team.model-v1_2"],
+])
+def test_gate_metrics_and_values_that_are_fine(project, overrides):
+    load_config(str(project), overrides)
+
+
+def test_a_config_without_any_name_cannot_be_registered():
+    with pytest.raises(ConfigError, match="registry.model_name: empty, and the project has no name"):
+        from_dict({"data": {"path": "builtin:catalogue"}})
+    assert from_dict({"data": {"path": "builtin:catalogue"}, "registry": {"model_name": "m"}}).model_name == "m"
+
+
+def test_a_choice_outside_its_literal_is_one_message(project):
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(project), ["model.kind=decoder", "tune.pruner=asha"])
+    message = str(caught.value)
+    assert "model.kind: 'decoder' is not one of causal, seq2seq" in message
+    assert "tune.pruner: 'asha' is not one of median, hyperband, none" in message
+    assert message.count("model.kind") == 1 and message.count("tune.pruner") == 1
+    assert type_problem("k", "b", typing.Literal["a", "b"]) is None
+    assert type_problem("k", ["a"], typing.Literal["a", "b"]) == "k: ['a'] is not one of a, b"
+
+
+def test_the_scheduler_choices_are_those_of_transformers():
+    from transformers import SchedulerType
+
+    assert sorted(typing.get_args(LrScheduler)) == sorted(s.value for s in SchedulerType)
+
+
+def test_describe_covers_every_field_with_its_help_and_default(project):
+    cfg = load_config(str(project), ["lora.r=4", "eval.metrics=[rougeL]"])
+    rows = describe(cfg)
+    expected_keys = [f"{section}.{f.name}" if section in SECTIONS else section
+                     for section in (f.name for f in dataclasses.fields(Config))
+                     for f in (dataclasses.fields(SECTIONS[section]) if section in SECTIONS else [None])]
+    assert [row["key"] for row in rows] == expected_keys
+    assert expected_keys[:2] == ["name", "model.name"] and expected_keys[-1] == "source" and len(rows) > 80
+    fresh = {row["key"]: row["value"] for row in describe(Config())}  # a default instance holds the defaults
+    for row in rows:
+        assert set(row) == {"key", "value", "default", "help", "choices"}
+        assert row["help"].strip(), row["key"]
+        assert row["default"] == fresh[row["key"]], row["key"]
+    by_key = {row["key"]: row for row in rows}
+    assert (by_key["lora.r"]["value"], by_key["lora.r"]["default"], by_key["lora.r"]["choices"]) == (4, 8, None)
+    assert by_key["eval.metrics"]["default"] == ["rouge1", "rougeL"] and by_key["eval.metrics"]["value"] == ["rougeL"]
+    assert by_key["model.kind"]["choices"] == ["causal", "seq2seq"]
+    assert by_key["train.max_steps"]["default"] == -1 and "overrides train.epochs" in by_key["train.max_steps"]["help"]
+    assert by_key["name"]["value"] == "demo" and by_key["source"]["value"] == str(project.resolve())
+
+
+def test_describe_text_marks_changed_values(project):
+    cfg = load_config(str(project), ["lora.r=4", "model.kind=seq2seq"])
+    text = describe_text(cfg)
+    rows = {line[2:].split()[0]: line for line in text.splitlines() if line[:2] in ("* ", "  ")}
+    assert rows["lora.r"].startswith("* ") and "default 8" in rows["lora.r"]
+    assert rows["model.kind"].startswith("* ") and "one of causal|seq2seq" in rows["model.kind"]
+    assert rows["lora.alpha"].startswith("  ") and "default" not in rows["lora.alpha"]
+    assert "\nlora: the adapter\n" in text and len(rows) == len(describe(cfg)) + 1  # + the legend
+    value_column = 2 + max(map(len, rows)) + 2  # values start in one column after the keys
+    assert rows["lora.r"][value_column:].startswith("4 ") and rows["model.name"][value_column - 1] == " "
+
+
+def test_a_field_override_replaces_the_projects_template(tmp_path):
+    data = {"path": "builtin:catalogue", "prompt_template": "Title: {title}", "target_template": "{content}"}
+    project = write_yaml(tmp_path / "p.yaml", {"data": data})
+    assert load_config(str(project)).data.prompt_template == "Title: {title}"
+    cfg = load_config(str(project), ["data.prompt_field=abstract"])
+    assert (cfg.data.prompt_field, cfg.data.prompt_template, cfg.data.target_template) == ("abstract", "", "{content}")
+    cfg = load_config(str(project), ["data.target_field=title"])
+    assert (cfg.data.prompt_template, cfg.data.target_template) == ("Title: {title}", "")
+
+
+def test_a_field_and_its_template_both_overridden_are_refused(project):
+    with pytest.raises(ConfigError, match="data.prompt_field and data.prompt_template both set: give one"):
+        load_config(str(project), ["data.prompt_field=abstract", "data.prompt_template=Abstract: {abstract}"])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.chat_template=false", "data.system_prompt=Be brief."], "data.system_prompt set, but has no effect"),
+    (["data.text_field=body"], "data.text_field set, but has no effect: only train.objective=cpt reads raw text"),
+    (["train.objective=cpt", "registry.gate_metric=loss", "data.prompt_field=q"], "data.prompt_field set, but has no"),
+    (["train.objective=cpt", "registry.gate_metric=loss", "data.packing=true"], "data.packing set, but has no effect"),
+    (["data.path=rows.jsonl", "data.builtin_rows=10"], "data.builtin_rows set, but has no effect"),
+    (["tune.pruner=hyperband", "tune.pruner_warmup_steps=5"], "tune.pruner_warmup_steps set, but has no effect"),
+])
+def test_an_override_that_would_be_ignored_is_refused(project, overrides, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(project), overrides)
+    assert expected in str(caught.value)
+
+
+def test_the_same_keys_in_a_yaml_file_are_not_refused(tmp_path):
+    project = write_yaml(tmp_path / "p.yaml", {"data": {"path": "builtin:catalogue", "chat_template": False,
+                                                        "system_prompt": "Be brief.", "text_field": "body"}})
+    assert load_config(str(project)).data.system_prompt == "Be brief."
+
+
+def test_projects_are_found_in_loraflow_projects_first(tmp_path, monkeypatch):
+    first, second, cwd = tmp_path / "first", tmp_path / "second", tmp_path / "cwd"
+    for root, name in ((second, "shared"), (second, "only-second"), (first, "shared"), (cwd / "projects", "shared")):
+        (root / name).mkdir(parents=True)
+        write_yaml(root / name / "config.yaml", {"data": {"path": "builtin:catalogue"}, "lora": {"r": len(str(root))}})
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("LORAFLOW_PROJECTS", os.pathsep.join([str(first), str(second)]))
+    assert load_config("shared").source == str((first / "shared" / "config.yaml").resolve())
+    assert load_config("only-second").source == str((second / "only-second" / "config.yaml").resolve())
+    monkeypatch.delenv("LORAFLOW_PROJECTS")
+    assert load_config("shared").source == str((cwd / "projects" / "shared" / "config.yaml").resolve())
+    monkeypatch.setenv("LORAFLOW_PROJECTS", str(first))
+    with pytest.raises(ConfigError) as caught:
+        load_config("only-second")
+    assert str(first.resolve()) in str(caught.value) and str((cwd / "projects").resolve()) in str(caught.value)
+
+
+def test_with_values_validates_like_loading(project):
+    cfg = load_config(str(project))
+    with pytest.raises(ConfigError) as caught:
+        with_values(cfg, {"lora.r": 0, "train.learning_rate": "fast", "lora.rank": 2})
+    for expected in ("lora.r: must be > 0, got 0", "train.learning_rate: expected float, got str 'fast'",
+                     "lora.rank: unknown key"):
+        assert expected in str(caught.value)
+    changed = with_values(cfg, {"lora.r": 16, "train.learning_rate": 1})
+    assert (changed.lora.r, changed.train.learning_rate, changed.name, changed.source) == (16, 1.0, "demo", cfg.source)
+    assert isinstance(changed.train.learning_rate, float) and cfg.lora.r == 8
+    assert changed.config_hash() != cfg.config_hash()
+    assert with_values(cfg, {}).config_hash() == cfg.config_hash()
 
 
 @pytest.mark.parametrize("path", PROJECT_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")

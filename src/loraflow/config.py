@@ -1,9 +1,13 @@
 """Typed project configuration: YAML files, dotted overrides, validation that lists every problem.
 
     cfg = load_config("quickstart", overrides=["train.max_steps=5", "lora.r=4"])
+    print(describe_text(cfg))                       # every key: value, default, help, choices
+    trial = with_values(cfg, {"lora.r": 16})        # a validated copy with a few keys changed
 
-A project is a folder under `projects/` holding `config.yaml` (and variants), or a path to a YAML
-file. A variant may start with `base: config.yaml` to inherit another file and change a few keys.
+A project is a folder holding `config.yaml` (and variants), looked up in $LORAFLOW_PROJECTS, then
+./projects, then the checkout's projects/; or a path to a YAML file. A variant may start with
+`base: config.yaml` to inherit another file and change a few keys. Each field's help is in its
+definition (`opt(default, help)`); choices are `Literal` types.
 """
 from __future__ import annotations
 
@@ -25,133 +29,148 @@ from loraflow import LoraflowError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+# transformers.SchedulerType's values, spelled out so a config loads without importing torch
+# (~7 s); a test checks the list against the installed transformers.
+LrScheduler = typing.Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                             "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+                             "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy"]
 
 
 class ConfigError(LoraflowError):
     """Bad configuration; the message lists every problem found."""
 
 
+def opt(default, help: str):
+    """A dataclass field with its one-line help; list and section defaults are built fresh per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    name: str = EMBEDDED_MODEL  # HF folder, hub id, .gguf path, or the embedded default
-    kind: str = "causal"  # causal | seq2seq
-    quantization: str = "none"  # nf4 (QLoRA) | int8 | none
-    dtype: str = "auto"  # compute dtype: auto (bf16 where the hardware has it) | bf16 | fp16 | fp32
-    trust_remote_code: bool = False
+    name: str = opt(EMBEDDED_MODEL, "HF folder, hub id (online only), .gguf file, or the embedded default")
+    kind: typing.Literal["causal", "seq2seq"] = opt("causal", "decoder-only (causal) or encoder-decoder (seq2seq)")
+    quantization: typing.Literal["nf4", "int8", "none"] = opt("none", "base weights in training (nf4: QLoRA)")
+    dtype: typing.Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "compute dtype; auto: bf16 where supported")
+    trust_remote_code: bool = opt(False, "run the model repository's own Python code")
 
 
 @dataclass
 class DataConfig:
-    path: str = ""  # json array, jsonl, csv, txt; or builtin:catalogue
-    format: str = "auto"  # auto | json | jsonl | csv | txt
-    encoding: str = "utf-8"  # text encoding of data.path, read strictly (a BOM is stripped)
-    strip_html: bool = False  # remove <...> tags from field values (for data scraped from HTML)
-    prompt_field: str = "prompt"
-    target_field: str = "target"
-    prompt_template: str = ""  # e.g. "Title: {title}"; default "{<prompt_field>}"
-    target_template: str = ""  # e.g. "Description: {content}"; default "{<target_field>}"
-    chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
-    system_prompt: str = ""
-    text_field: str = "text"  # the raw text field for train.objective=cpt (txt files: whole lines)
-    max_rows: int = 0  # 0 = all rows
-    min_target_chars: int = 1
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    split_seed: int = 42
-    max_length: int = 512  # tokens per training example / block
-    packing: bool = False  # concatenate SFT examples into max_length blocks instead of grouping
-    builtin_rows: int = 240  # rows generated for builtin:catalogue
+    path: str = opt("", "the data file (json array, jsonl, csv, txt; relative to the YAML) or builtin:catalogue")
+    format: typing.Literal["auto", "json", "jsonl", "csv", "txt"] = opt("auto", "file format; auto: by extension")
+    encoding: str = opt("utf-8", "text encoding of data.path, read strictly (a BOM is stripped)")
+    strip_html: bool = opt(False, "remove <...> tags from field values (for data scraped from HTML)")
+    prompt_field: str = opt("prompt", "the record field that is the prompt, when data.prompt_template is empty")
+    target_field: str = opt("target", "the record field that is the answer, when data.target_template is empty")
+    prompt_template: str = opt("", 'the prompt from record fields, e.g. "Title: {title}"; empty: "{<prompt_field>}"')
+    target_template: str = opt("", 'the answer from record fields, e.g. "{content}"; empty: "{<target_field>}"')
+    chat_template: bool = opt(True, "wrap prompts in the tokenizer's chat template when it has one")
+    system_prompt: str = opt("", "system message placed in the chat template (empty: none)")
+    text_field: str = opt("text", "the raw text field for train.objective=cpt (txt files: whole lines)")
+    max_rows: int = opt(0, "read at most this many rows (0: all)")
+    min_target_chars: int = opt(1, "drop rows whose answer is shorter than this many characters")
+    val_fraction: float = opt(0.1, "share of rows held out for validation (eval/loss)")
+    test_fraction: float = opt(0.1, "share of rows held out for testing (generated answers and their metrics)")
+    split_seed: int = opt(42, "seed of the shuffle that splits the rows")
+    max_length: int = opt(512, "tokens per training example / block")
+    packing: bool = opt(False, "concatenate SFT examples into max_length blocks instead of grouping")
+    builtin_rows: int = opt(240, "rows generated for builtin:catalogue")
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: typing.Union[str, list] = "all-linear"
-    layers_to_transform: typing.Optional[list] = None  # None = every layer
+    r: int = opt(8, "LoRA rank")
+    alpha: int = opt(16, "LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = opt(0.05, "dropout on the LoRA branch's input, in [0, 1)")
+    target_modules: typing.Union[str, list] = opt("all-linear", 'modules to adapt: "all-linear" or a list of names')
+    layers_to_transform: typing.Optional[list] = opt(None, "layer indices to adapt (null: every layer)")
 
 
 @dataclass
 class TrainConfig:
-    enabled: bool = True  # false: the pipeline trains nothing and evaluates the base model alone (zero-shot)
-    objective: str = "sft"  # sft | cpt
-    learning_rate: float = 2e-4
-    max_steps: int = -1  # > 0 overrides epochs
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    seed: int = 42
-    logging_steps: int = 1
-    eval_steps: int = 20
-    save_steps: int = 50
-    eval_rows: int = 64  # validation rows used for eval/loss during training (0 = all)
-    gradient_checkpointing: bool = False
-    price_per_hour: float = 0.0  # USD per hour of this machine; 0 on a local CPU
-    output_dir: str = "outputs"
+    enabled: bool = opt(True, "false: the pipeline trains nothing and evaluates the base model alone (zero-shot)")
+    objective: typing.Literal["sft", "cpt"] = opt("sft", "sft (prompt -> answer) or cpt (continued pretraining)")
+    learning_rate: float = opt(2e-4, "peak learning rate")
+    max_steps: int = opt(-1, "optimiser steps; > 0 overrides train.epochs")
+    epochs: float = opt(1.0, "passes over the training split (when train.max_steps <= 0)")
+    batch_size: int = opt(4, "examples per device and step")
+    grad_accum: int = opt(1, "gradient accumulation steps (effective batch: batch_size * grad_accum)")
+    lr_scheduler: LrScheduler = opt("cosine", "learning-rate schedule (transformers SchedulerType)")
+    warmup_ratio: float = opt(0.03, "share of the steps spent warming up, in [0, 1)")
+    weight_decay: float = opt(0.0, "weight decay of the optimiser")
+    seed: int = opt(42, "training seed")
+    logging_steps: int = opt(1, "log the training loss every N steps")
+    eval_steps: int = opt(20, "compute eval/loss every N steps")
+    save_steps: int = opt(50, "save a checkpoint every N steps")
+    eval_rows: int = opt(64, "validation rows used for eval/loss during training (0: all)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    price_per_hour: float = opt(0.0, "USD per hour of this machine, for train/cost_usd; 0 on a local CPU")
+    output_dir: str = opt("outputs", "checkpoints and adapters go to <output_dir>/<name>/<run id>")
 
 
 @dataclass
 class EvalConfig:
-    seeds: list = field(default_factory=lambda: [0])
-    num_samples: int = 16
-    max_new_tokens: int = 64
-    metrics: list = field(default_factory=lambda: ["rouge1", "rougeL"])
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    batch_size: int = 8
-    bertscore_model: str = "minilm-l6"
-    bootstrap_samples: int = 1000
+    seeds: list = opt([0], "sampling seeds: metrics are means with _std over them (greedy uses the first)")
+    num_samples: int = opt(16, "test rows to answer and score")
+    max_new_tokens: int = opt(64, "longest generated answer, in tokens")
+    metrics: list = opt(["rouge1", "rougeL"], "metrics of the answers: rouge1, rouge2, rougeL, bertscore, "
+                                              "sacrebleu, token_f1, exact_match")
+    temperature: float = opt(0.0, "sampling temperature (0: greedy)")
+    top_p: float = opt(1.0, "nucleus sampling probability mass (when temperature > 0)")
+    repetition_penalty: float = opt(1.0, "penalty on repeated tokens (1: none)")
+    batch_size: int = opt(8, "prompts generated at once")
+    bertscore_model: str = opt("minilm-l6", "BERTScore model: minilm-l6 (pip package) or a local HF folder")
+    bootstrap_samples: int = opt(1000, "paired bootstrap resamples for the delta/ confidence intervals")
 
 
 @dataclass
 class TuneConfig:
-    enabled: bool = False
-    n_trials: int = 8
-    timeout: float = 0.0  # seconds, 0 = none
-    direction: str = "minimize"
-    objective: str = "eval/loss"
-    r_choices: list = field(default_factory=lambda: [4, 8, 16, 32])
-    alpha_multipliers: list = field(default_factory=lambda: [1, 2])
-    lr_low: float = 1e-5
-    lr_high: float = 1e-3
-    dropout_choices: typing.Optional[list] = None
-    target_modules_choices: typing.Optional[list] = None
-    layers_choices: typing.Optional[list] = None  # e.g. ["all", "last:1"]
-    pruner: str = "median"  # median | hyperband | none
-    sampler_seed: int = 0
-    study_name: str = ""
-    storage: str = ""
-    sampler_startup_trials: int = 4  # random trials before TPE models the results
-    pruner_startup_trials: int = 2  # trials that must finish before the median pruner prunes
-    pruner_warmup_steps: int = 0  # training steps before a trial may be pruned (median pruner)
+    enabled: bool = opt(False, "the pipeline runs an Optuna study instead of a single training run")
+    n_trials: int = opt(8, "trials to run")
+    timeout: float = opt(0.0, "seconds after which no new trial starts (0: none)")
+    direction: typing.Literal["minimize", "maximize"] = opt("minimize", "whether tune.objective is minimised")
+    objective: str = opt("eval/loss", "eval/loss or <base|tuned|delta>/<a metric of eval.metrics>")
+    r_choices: list = opt([4, 8, 16, 32], "LoRA ranks to try")
+    alpha_multipliers: list = opt([1, 2], "lora.alpha = multiplier * lora.r, for each multiplier tried")
+    lr_low: float = opt(1e-5, "lowest learning rate tried (log scale)")
+    lr_high: float = opt(1e-3, "highest learning rate tried (log scale)")
+    dropout_choices: typing.Optional[list] = opt(None, "lora.dropout values to try (null: keep lora.dropout)")
+    target_modules_choices: typing.Optional[list] = opt(None, "lora.target_modules values to try (null: keep)")
+    layers_choices: typing.Optional[list] = opt(None, 'layers to adapt, e.g. ["all", "last:1"] (null: keep)')
+    pruner: typing.Literal["median", "hyperband", "none"] = opt("median", "how unpromising trials stop early")
+    sampler_seed: int = opt(0, "seed of the TPE sampler")
+    study_name: str = opt("", "Optuna study name (empty: the project's name)")
+    storage: str = opt("", "Optuna storage URL or journal file (empty: beside the MLflow store)")
+    sampler_startup_trials: int = opt(4, "random trials before TPE models the results")
+    pruner_startup_trials: int = opt(2, "trials that must finish before the median pruner prunes")
+    pruner_warmup_steps: int = opt(0, "training steps before a trial may be pruned (median pruner)")
 
 
 @dataclass
 class RegistryConfig:
-    model_name: str = ""  # default: the project's name
-    alias: str = "champion"
-    gate_metric: str = "rougeL"
-    min_improvement: float = 0.0
-    merge_dtype: str = "fp32"  # fp32 | fp16 | bf16
-    max_new_tokens_cap: int = 512
+    model_name: str = opt("", "registered model name (empty: the project's name)")
+    alias: str = opt("champion", "alias of the promoted version")
+    gate_metric: str = opt("rougeL", "what must improve to register: loss, perplexity or one of eval.metrics")
+    min_improvement: float = opt(0.0, "smallest improvement over the base model that promotes")
+    merge_dtype: typing.Literal["fp32", "fp16", "bf16"] = opt("fp32", "dtype of the base the adapter merges into")
+    max_new_tokens_cap: int = opt(512, "most tokens one serving request may generate")
 
 
 @dataclass
 class Config:
-    name: str = ""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    registry: RegistryConfig = field(default_factory=RegistryConfig)
-    source: str = ""  # the YAML file this came from (not hashed)
+    name: str = opt("", "MLflow experiment and default model name (default: the folder[-variant])")
+    model: ModelConfig = opt(ModelConfig, "the base model")
+    data: DataConfig = opt(DataConfig, "rows, prompts and splits")
+    lora: LoraConfig = opt(LoraConfig, "the adapter")
+    train: TrainConfig = opt(TrainConfig, "training")
+    eval: EvalConfig = opt(EvalConfig, "generation and scoring of held-out answers")
+    tune: TuneConfig = opt(TuneConfig, "hyperparameter search")
+    registry: RegistryConfig = opt(RegistryConfig, "gate, registration and serving")
+    source: str = opt("", "the YAML file this came from (not hashed)")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -178,31 +197,81 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig,
             "eval": EvalConfig, "tune": TuneConfig, "registry": RegistryConfig}
 
-CHOICES = {
-    "model.kind": ("causal", "seq2seq"),
-    "model.quantization": ("nf4", "int8", "none"),
-    "model.dtype": ("auto", "bf16", "fp16", "fp32"),
-    "data.format": ("auto", "json", "jsonl", "csv", "txt"),
-    "train.objective": ("sft", "cpt"),
-    "tune.direction": ("minimize", "maximize"),
-    "tune.pruner": ("median", "hyperband", "none"),
-    "registry.merge_dtype": ("fp32", "fp16", "bf16"),
-}
+
+# --- describing a config ---------------------------------------------------------------------------
+
+def describe(cfg: Config) -> list[dict]:
+    """One row per key (`name`, `model.name`, ..., `source`) in definition order:
+    {"key", "value", "default", "help", "choices"}; choices is None unless the field is a Literal."""
+    rows = []
+    for top in dataclasses.fields(Config):
+        holder, prefix = (getattr(cfg, top.name), f"{top.name}.") if top.name in SECTIONS else (cfg, "")
+        hints = typing.get_type_hints(type(holder))
+        for item in dataclasses.fields(holder) if prefix else [top]:
+            literal = typing.get_origin(hints[item.name]) is typing.Literal
+            rows.append({"key": prefix + item.name, "value": getattr(holder, item.name), "default": default_of(item),
+                         "help": item.metadata["help"],
+                         "choices": list(typing.get_args(hints[item.name])) if literal else None})
+    return rows
+
+
+def default_of(item: dataclasses.Field):
+    return item.default if item.default_factory is dataclasses.MISSING else item.default_factory()
+
+
+def describe_text(cfg: Config) -> str:
+    """`describe` as an aligned table grouped by section; `*` marks a value that differs from its default."""
+    rows = describe(cfg)
+    key_width = max(len(row["key"]) for row in rows)
+    value_width = min(40, max(len(shown(row["value"])) for row in rows))
+    headings = {f.name: f.metadata["help"] for f in dataclasses.fields(Config)}
+    lines, group = [], None
+    for row in rows:
+        section = row["key"].split(".")[0] if "." in row["key"] else ""
+        if section != group:
+            group = section
+            lines += [""] + ([f"{section}: {headings[section]}"] if section else [])
+        changed = "." in row["key"] and row["value"] != row["default"]  # name and source have no real default
+        notes = [row["help"]] + ([f"one of {'|'.join(row['choices'])}"] if row["choices"] else []) \
+            + ([f"default {shown(row['default'])}"] if changed else [])
+        lines.append(f"{'*' if changed else ' '} {row['key']:<{key_width}}  {shown(row['value']):<{value_width}}  "
+                     + "; ".join(notes))
+    return "\n".join(lines[1:] + ["", "* differs from the default"])
+
+
+def shown(value) -> str:
+    """A value as `--set` would take it: plain text, else JSON (empty or multi-line text, lists, null)."""
+    if isinstance(value, str) and value and value.isprintable() and value.strip() == value:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+# --- reading files and overrides -------------------------------------------------------------------
+
+def project_roots() -> list[Path]:
+    """Folders holding projects: each of $LORAFLOW_PROJECTS, ./projects, then the checkout's projects/."""
+    roots = [Path(p).expanduser() for p in os.environ.get("LORAFLOW_PROJECTS", "").split(os.pathsep) if p]
+    roots.append(Path.cwd() / "projects")
+    if (REPO_ROOT / "projects").is_dir():  # a source checkout; an installed wheel has none
+        roots.append(REPO_ROOT / "projects")
+    return list(dict.fromkeys(root.resolve() for root in roots))
 
 
 def find_config_file(project: str) -> Path:
-    """`quickstart` -> projects/quickstart/config.yaml; a YAML path is taken as it is."""
+    """`quickstart` -> <a project root>/quickstart/config.yaml; a YAML path is taken as it is."""
     candidate = Path(project)
     if candidate.suffix in (".yaml", ".yml"):
         if not candidate.is_file():
             raise ConfigError(f"config file not found: {project}")
         return candidate.resolve()
-    for root in (Path.cwd() / "projects", REPO_ROOT / "projects"):
+    roots = project_roots()
+    for root in roots:
         if (root / project / "config.yaml").is_file():
             return (root / project / "config.yaml").resolve()
     if (candidate / "config.yaml").is_file():
         return (candidate / "config.yaml").resolve()
-    raise ConfigError(f"unknown project '{project}': no projects/{project}/config.yaml and no such YAML file")
+    raise ConfigError(f"unknown project '{project}': no {project}/config.yaml in {', '.join(map(str, roots))} "
+                      "(more folders: $LORAFLOW_PROJECTS) and no such YAML file")
 
 
 def read_yaml_with_base(path: Path, seen: tuple = ()) -> dict:
@@ -247,25 +316,33 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def is_string_field(key: str) -> bool:
     section, _, leaf = key.partition(".")
-    return section in SECTIONS and typing.get_type_hints(SECTIONS[section]).get(leaf) is str
+    hint = typing.get_type_hints(SECTIONS[section]).get(leaf) if section in SECTIONS else None
+    return hint is str or typing.get_origin(hint) is typing.Literal
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def set_values(data: dict, values: dict) -> dict:
+    """A copy of `data` with dotted keys set; a field set this way replaces its side's template."""
     data = copy.deepcopy(data)
-    for text in overrides:
-        key, value = parse_override(text)
+    for key, value in values.items():
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{text}': {part} is not a section")
+                raise ConfigError(f"override '{key}': {part} is not a section")
         node[leaf] = value
+    for side in ("prompt", "target"):  # data.templates_for prefers the template: clear it (both set: refused)
+        if f"data.{side}_field" in values and not values.get(f"data.{side}_template") \
+                and isinstance(data.get("data"), dict):
+            data["data"][f"{side}_template"] = ""
     return data
 
 
 def type_problem(key: str, value, annotation) -> str | None:
-    """A message if `value` does not fit the field's annotation, else None."""
+    """A message if `value` does not fit the field's annotation (a type, union or Literal), else None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = typing.get_args(annotation)
+        return None if value in choices else f"{key}: {value!r} is not one of {', '.join(map(str, choices))}"
     allowed = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
         else (annotation,)
     for kind in allowed:
@@ -305,8 +382,10 @@ def build_section(section_name: str, cls, values, problems: list[str]):
     return cls(**accepted)
 
 
-def from_dict(data: dict, *, name: str = "", source: str = "") -> Config:
-    """Build a Config from a mapping; raises ConfigError listing every problem."""
+def from_dict(data: dict, *, name: str = "", source: str = "", overrides: dict | None = None) -> Config:
+    """Build a Config from a mapping with dotted `overrides` set; raises ConfigError listing every problem."""
+    overrides = overrides or {}
+    data = set_values(data, overrides)
     problems: list[str] = []
     sections = {}
     for key, values in data.items():
@@ -317,7 +396,7 @@ def from_dict(data: dict, *, name: str = "", source: str = "") -> Config:
             continue
         sections[key] = build_section(key, SECTIONS[key], values, problems)
     cfg = Config(name=str(data.get("name") or name), source=source, **sections)
-    problems += validate(cfg)
+    problems += validate(cfg) + override_problems(cfg, overrides)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
     return cfg
@@ -326,28 +405,38 @@ def from_dict(data: dict, *, name: str = "", source: str = "") -> Config:
 def load_config(project: str, overrides: list[str] | tuple = ()) -> Config:
     """Load a project's config (folder name or YAML path), apply `--set` overrides, validate."""
     path = find_config_file(project)
-    data = apply_overrides(read_yaml_with_base(path), list(overrides))
+    values = dict(parse_override(text) for text in overrides)
     default_name = path.parent.name if path.name == "config.yaml" else f"{path.parent.name}-{path.stem}"
-    return from_dict(data, name=default_name, source=str(path))
+    return from_dict(read_yaml_with_base(path), name=default_name, source=str(path), overrides=values)
+
+
+def with_values(cfg: Config, values: dict[str, object]) -> Config:
+    """A copy of `cfg` with dotted keys set ({"lora.r": 16}), rebuilt and validated like a loaded config."""
+    return from_dict(cfg.to_dict(), name=cfg.name, source=cfg.source, overrides=values)
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+POSITIVE = ("lora.r", "lora.alpha", "train.learning_rate", "train.batch_size", "train.grad_accum",
+            "train.logging_steps", "train.eval_steps", "train.save_steps", "data.max_length", "eval.max_new_tokens",
+            "eval.batch_size", "eval.num_samples", "registry.max_new_tokens_cap")
+AT_LEAST = {"data.max_rows": 0, "train.eval_rows": 0, "eval.bootstrap_samples": 1}
+# train.warmup_ratio is passed as warmup_steps, which transformers reads as a ratio only below 1.
+UNIT_INTERVAL = ("lora.dropout", "train.warmup_ratio")
+
+
+def value_of(cfg: Config, key: str):
+    section, leaf = key.split(".")
+    return getattr(getattr(cfg, section), leaf)
 
 
 def validate(cfg: Config) -> list[str]:
-    """Every problem with the values of a config (types are checked while building it)."""
-    problems = []
-    for key, choices in CHOICES.items():
-        section, leaf = key.split(".")
-        value = getattr(getattr(cfg, section), leaf)
-        if value not in choices:
-            problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}")
-    positive = {"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "train.learning_rate": cfg.train.learning_rate,
-                "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
-                "train.logging_steps": cfg.train.logging_steps, "train.eval_steps": cfg.train.eval_steps,
-                "train.save_steps": cfg.train.save_steps, "data.max_length": cfg.data.max_length,
-                "eval.max_new_tokens": cfg.eval.max_new_tokens, "eval.batch_size": cfg.eval.batch_size,
-                "eval.num_samples": cfg.eval.num_samples}
-    problems += [f"{key}: must be > 0, got {value}" for key, value in positive.items() if value <= 0]
-    if not 0 <= cfg.lora.dropout < 1:
-        problems.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    """Every problem with the values of a config (types and choices are checked while building it)."""
+    problems = [f"{key}: must be > 0, got {value_of(cfg, key)}" for key in POSITIVE if value_of(cfg, key) <= 0]
+    problems += [f"{key}: must be >= {low}, got {value_of(cfg, key)}" for key, low in AT_LEAST.items()
+                 if value_of(cfg, key) < low]
+    problems += [f"{key}: must be in [0, 1), got {value_of(cfg, key)}" for key in UNIT_INTERVAL
+                 if not 0 <= value_of(cfg, key) < 1]
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         problems.append("train: set train.max_steps > 0 or train.epochs > 0")
     fractions = cfg.data.val_fraction + cfg.data.test_fraction
@@ -362,16 +451,77 @@ def validate(cfg: Config) -> list[str]:
         problems.append("lora.layers_to_transform: expected a list of layer indices >= 0")
     if cfg.model.kind == "seq2seq" and cfg.train.objective == "cpt":
         problems.append("train.objective: cpt needs model.kind=causal")
-    problems += metric_problems(cfg)
-    problems += tune_problems(cfg)
-    return problems
+    return problems + metric_problems(cfg) + registry_problems(cfg) + tune_problems(cfg)
 
 
 def metric_problems(cfg: Config) -> list[str]:
-    from loraflow.metrics import unknown_metrics
+    """Unknown metrics, and a BERTScore model that cannot be found locally."""
+    from loraflow.metrics import bertscore_model_path, unknown_metrics
 
-    unknown = unknown_metrics(list(cfg.eval.metrics))
-    return [f"eval.metrics: unknown metric {name!r}" for name in unknown]
+    problems = [f"eval.metrics: unknown metric {name!r}" for name in unknown_metrics(list(cfg.eval.metrics))]
+    if "bertscore" in cfg.eval.metrics:
+        try:
+            bertscore_model_path(cfg.eval.bertscore_model)
+        except ValueError as exc:
+            problems.append(f"eval.bertscore_model: {exc}")
+    return problems
+
+
+def registry_problems(cfg: Config) -> list[str]:
+    """A gate metric the evaluation will not compute; a model name or alias MLflow's registry refuses."""
+    from mlflow.utils import validation  # the checks MLflow itself runs when registering, with its messages
+
+    problems = gate_metric_problems(cfg)
+    if not cfg.model_name.strip():
+        problems.append("registry.model_name: empty, and the project has no name")
+    else:
+        problems += mlflow_refusal("registry.model_name", cfg.model_name, validation._validate_model_name)
+    return problems + mlflow_refusal("registry.alias", cfg.registry.alias, validation._validate_model_alias_name,
+                                     validation._validate_model_alias_name_reserved)
+
+
+def mlflow_refusal(key: str, value: str, *checks) -> list[str]:
+    """The first of MLflow's `checks` that refuses `value`, as a problem."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        for check in checks:
+            check(value)
+    except MlflowException as exc:
+        return [f"{key} {value!r}: MLflow refuses it ({exc.message})"]
+    return []
+
+
+def gate_metric_problems(cfg: Config) -> list[str]:
+    """registry.gate_metric must be computed: loss always is; a zero-shot config registers nothing."""
+    metric = cfg.registry.gate_metric
+    if not cfg.train.enabled or metric in ("loss", "perplexity"):
+        return []
+    if cfg.train.objective == "cpt":
+        return [f"registry.gate_metric {metric!r}: continued pretraining is evaluated on loss only; "
+                "set registry.gate_metric=loss"]
+    if metric not in cfg.eval.metrics:
+        return [f"registry.gate_metric {metric!r} is not evaluated: add it to eval.metrics "
+                f"({', '.join(map(str, cfg.eval.metrics))}) or use loss"]
+    return []
+
+
+def override_problems(cfg: Config, overrides: dict) -> list[str]:
+    """Overridden keys the rest of the config would silently ignore: refused, since the user expects an effect."""
+    cpt, chat = cfg.train.objective == "cpt", cfg.data.chat_template and cfg.model.kind == "causal"
+    ignored = {"data.system_prompt": (not chat, "it is only sent inside a chat template (data.chat_template=true, "
+                                                "model.kind=causal)"),
+               "data.text_field": (not cpt, "only train.objective=cpt reads raw text"),
+               "data.packing": (cpt, "train.objective=cpt always cuts the text into blocks"),
+               "data.builtin_rows": (not cfg.data.path.startswith("builtin:"), "data.path is a file"),
+               "tune.pruner_startup_trials": (cfg.tune.pruner != "median", "only tune.pruner=median uses it"),
+               "tune.pruner_warmup_steps": (cfg.tune.pruner != "median", "only tune.pruner=median uses it")}
+    ignored |= {f"data.{key}": (cpt, "train.objective=cpt reads data.text_field only")
+                for key in ("prompt_field", "target_field", "prompt_template", "target_template")}
+    problems = [f"{key} set, but has no effect: {why}" for key, (unused, why) in ignored.items()
+                if key in overrides and unused]
+    return problems + [f"data.{side}_field and data.{side}_template both set: give one" for side in ("prompt", "target")
+                       if f"data.{side}_field" in overrides and overrides.get(f"data.{side}_template")]
 
 
 def tune_problems(cfg: Config) -> list[str]:
