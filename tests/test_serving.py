@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import mlflow
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from loraflow import LoraflowError, serving
+from loraflow import LoraflowError, serving, tracking
 from loraflow.config import load_config
 
 
@@ -37,12 +39,36 @@ def payload(prompts, **params) -> bytes:
     return json.dumps({"dataframe_records": [{"prompt": p} for p in prompts], "params": params}).encode()
 
 
+# About 660 tokens of the tiny tokenizer: more than its 512 positions.
+LONG_PROMPT = "START " + "an oak desk with two drawers, " * 30 + "Describe: Oak desk"
+
+
+def assert_clean_error(text: str, label: str) -> None:
+    """A JSON error body with a message and neither a stack trace nor a source file path."""
+    body = json.loads(text)
+    assert body["message"] and "stack_trace" not in body, (label, text)
+    assert "Traceback" not in text and not re.search(r"/[\w./-]+\.py", text), (label, text)
+
+
 @pytest.fixture
-def logged_model(tiny_llama, write_project):
+def project_config(tiny_llama, write_project):
+    return load_config(str(write_project(tiny_llama, registry={"max_new_tokens_cap": 32})))
+
+
+@pytest.fixture
+def generator(project_config, tiny_llama):
+    """A TextGenerator loaded in process from a fake pyfunc context, as the server's workers do."""
+    model = serving.TextGenerator()
+    model.load_context(SimpleNamespace(model_config=serving.saved_settings(project_config),
+                                       artifacts={"model": str(tiny_llama)}))
+    return model
+
+
+@pytest.fixture
+def logged_model(project_config, tiny_llama):
     """The tiny model itself stands in for a merged folder, logged as the pyfunc with a cap of 32 tokens."""
-    cfg = load_config(str(write_project(tiny_llama, registry={"max_new_tokens_cap": 32})))
     with mlflow.start_run():
-        return serving.log_model(cfg, tiny_llama).model_uri
+        return serving.log_model(project_config, tiny_llama).model_uri
 
 
 @pytest.fixture
@@ -50,7 +76,8 @@ def server(logged_model, tmp_path):
     """A real `mlflow models serve --env-manager local` on a free port; its process group is stopped at the end."""
     port = free_port()
     with open(tmp_path / "server.log", "w") as log:
-        process = serving.start_server(logged_model, "127.0.0.1", port, stdout=log, stderr=subprocess.STDOUT)
+        process = serving.start_server(logged_model, tracking.connect(), "127.0.0.1", port, workers=1, timeout=120,
+                                       stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -74,14 +101,29 @@ def test_server_answers_and_survives_malformed_requests(server, tmp_path):
         "not json": b"{not json",
         "no prompt column": json.dumps({"dataframe_records": [{"question": "hi"}]}).encode(),
         "max_new_tokens of the wrong type": payload(["hi"], max_new_tokens="abc"),
-        "max_new_tokens over the cap": payload(["hi"], max_new_tokens=33),
         "top_p out of range": payload(["hi"], top_p=0.0),
     }
     for label, body in bad_requests.items():
         status, text = post(server, body)
         assert 400 <= status < 500, (label, status, text)
         assert json.loads(text)["message"], label
-    assert "between 1 and 32" in post(server, payload(["hi"], max_new_tokens=33))[1]
+
+    checked_by_loraflow = {  # each answers 400 with a message that says what to change
+        "too many rows": (payload(["hi"] * (serving.MAX_ROWS + 1)), f"at most {serving.MAX_ROWS} prompt rows"),
+        "seed above 2**32 - 1": (payload(["hi"], seed=2**32), "seed must be an integer between 0 and"),
+        "negative seed": (payload(["hi"], seed=-1), "seed must be an integer between 0 and"),
+        "max_new_tokens over the cap": (payload(["hi"], max_new_tokens=33), "between 1 and 32"),
+        "negative temperature": (payload(["hi"], temperature=-0.5), "temperature must be >= 0"),
+    }
+    for label, (body, message) in checked_by_loraflow.items():
+        status, text = post(server, body)
+        assert status == 400 and message in json.loads(text)["message"], (label, status, text)
+        assert_clean_error(text, label)
+
+    status, text = post(server, payload([LONG_PROMPT], max_new_tokens=8))  # cut from the left, answered
+    assert status == 200, text
+    [answer] = json.loads(text)["predictions"]
+    assert isinstance(answer, str)
 
     with ThreadPoolExecutor(max_workers=3) as pool:  # concurrent requests share one model under a lock
         results = list(pool.map(lambda p: post(server, payload([p], max_new_tokens=4)), ["a", "b", "c"]))
@@ -95,7 +137,8 @@ def test_pyfunc_checks_params_and_input_in_process(logged_model):
     prompts = pd.DataFrame({"prompt": ["Describe: Oak desk"]})
     assert generator.predict(prompts, params={"max_new_tokens": 2, "do_sample": True, "seed": 3}) == \
         generator.predict(prompts, params={"max_new_tokens": 2, "do_sample": True, "seed": 3})
-    for params in ({"max_new_tokens": 0}, {"max_new_tokens": 33}, {"temperature": -1.0}):
+    for params in ({"max_new_tokens": 0}, {"max_new_tokens": 33}, {"temperature": -1.0}, {"seed": 2**32},
+                   {"seed": -1}, {"top_p": 1.5}):
         with pytest.raises(MlflowException) as caught:
             generator.predict(prompts, params=params)
         assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
@@ -108,3 +151,101 @@ def test_serve_without_a_registered_model_is_a_one_line_error(tiny_llama, write_
     code, _, err = run_cli("serve", write_project(tiny_llama), "--port", str(free_port()))
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "models:/tiny@champion" in errors[0]
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(generator, monkeypatch):
+    room = 512 - 8  # the tiny Llama's max_position_embeddings less max_new_tokens
+    encoded = len(generation_ids(generator, LONG_PROMPT))
+    assert generator.context_tokens == 512 and encoded > 512
+
+    fitted = serving.fit_prompt(generator.tokenizer, LONG_PROMPT, room, generator.cfg)
+    assert LONG_PROMPT.endswith(fitted) and fitted.endswith("Describe: Oak desk")
+    assert room - 4 <= len(generation_ids(generator, fitted)) <= room  # as much of the end as fits
+
+    widths = []
+    real_generate = generator.model.generate
+
+    def generate_and_record(**kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(generator.model, "generate", generate_and_record)
+    frame = pd.DataFrame({"prompt": [LONG_PROMPT, "Describe: Red mug"]})
+    answers = generator.predict(None, frame, params={"max_new_tokens": 8})
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert max(widths) <= room  # the model never saw more positions than prompt + answer fit in
+    assert generator.predict(None, pd.DataFrame({"prompt": [fitted]}), params={"max_new_tokens": 8}) == answers[:1]
+
+
+def generation_ids(generator, prompt: str) -> list[int]:
+    from loraflow import generation
+
+    return generation.encode_prompts(generator.tokenizer, [prompt], generator.cfg)[0]
+
+
+def test_do_sample_false_is_greedy_whatever_the_temperature(generator):
+    prompts = pd.DataFrame({"prompt": ["Describe: Oak desk", "Describe: Red mug"]})
+    greedy = generator.predict(None, prompts, params={"max_new_tokens": 8, "temperature": 0.0})
+    not_sampled = generator.predict(None, prompts, params={"max_new_tokens": 8, "temperature": 0.9,
+                                                           "do_sample": False, "seed": 1})
+    sampled = generator.predict(None, prompts, params={"max_new_tokens": 8, "temperature": 0.9,
+                                                       "do_sample": True, "seed": 1})
+    assert not_sampled == greedy
+    assert sampled != greedy  # the same temperature does sample when asked: the check above can fail
+    cfg = generator.cfg
+    settings = {"max_new_tokens": 4, "top_p": 1.0}
+    assert serving.request_config(cfg, {**settings, "temperature": 0.9, "do_sample": False}).eval.temperature == 0
+    assert serving.request_config(cfg, {**settings, "temperature": 0.0, "do_sample": True}).eval.temperature == 1.0
+
+
+def test_a_request_past_its_budget_fails_cleanly_and_frees_the_lock(generator, monkeypatch):
+    prompts = pd.DataFrame({"prompt": ["Describe: Oak desk"] * 8})
+    with monkeypatch.context() as patch:
+        patch.setenv(serving.REQUEST_SECONDS_ENV, "0.000001")  # over by the end of the first generated token
+        with pytest.raises(MlflowException) as caught:
+            generator.predict(None, prompts, params={"max_new_tokens": 32})
+    assert caught.value.error_code == "DEADLINE_EXCEEDED" and caught.value.get_http_status_code() == 504
+    assert "budget" in caught.value.message and serving.REQUEST_SECONDS_ENV in caught.value.message
+    assert "stack_trace" not in caught.value.serialize_as_json()
+    assert not generator.lock.locked()
+    answers = generator.predict(None, prompts.head(2), params={"max_new_tokens": 4})
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_a_queued_request_gives_up_when_its_budget_runs_out(generator, monkeypatch):
+    prompts = pd.DataFrame({"prompt": ["Describe: Oak desk"]})
+    monkeypatch.setenv(serving.REQUEST_SECONDS_ENV, "0.2")
+    pool = ThreadPoolExecutor(max_workers=1)  # a predict that waited for the lock forever fails here, not hangs
+    assert generator.lock.acquire(timeout=5)  # another request is generating
+    try:
+        error = pool.submit(generator.predict, None, prompts, {"max_new_tokens": 4}).exception(timeout=30)
+    finally:
+        generator.lock.release()
+        pool.shutdown()
+    assert isinstance(error, MlflowException), error
+    assert error.error_code == "TEMPORARILY_UNAVAILABLE" and error.get_http_status_code() == 503
+    assert "busy" in error.message
+    assert len(generator.predict(None, prompts, params={"max_new_tokens": 4})) == 1
+
+
+def test_the_request_budget_stays_under_the_server_timeout(monkeypatch):
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "30")
+    monkeypatch.delenv(serving.REQUEST_SECONDS_ENV, raising=False)
+    assert serving.request_budget() == 30 - serving.SERVER_TIMEOUT_MARGIN_SECONDS
+    monkeypatch.setenv(serving.REQUEST_SECONDS_ENV, "7.5")
+    assert serving.request_budget() == 7.5
+    monkeypatch.setenv(serving.REQUEST_SECONDS_ENV, "600")
+    assert serving.request_budget() == 30 - serving.SERVER_TIMEOUT_MARGIN_SECONDS
+    for bad in ("soon", "0", "-1"):
+        monkeypatch.setenv(serving.REQUEST_SECONDS_ENV, bad)
+        with pytest.raises(MlflowException, match=serving.REQUEST_SECONDS_ENV):
+            serving.request_budget()
+
+
+def test_serve_command_passes_workers_and_timeout_to_mlflow():
+    command = serving.serve_command("models:/tiny@champion", "127.0.0.1", 5001, workers=2, timeout=30)
+    assert " --workers 2 --timeout 30" in " ".join(command)
+    default = serving.serve_command("models:/tiny@champion", "127.0.0.1", 5001)
+    assert "--workers 1" in " ".join(default) and "--timeout" not in default
+    with pytest.raises(LoraflowError):
+        serving.serve_command("models:/tiny@champion", "127.0.0.1", 5001, workers=0)

@@ -9,11 +9,33 @@
 prompt row; `log_model` logs it with an explicit signature (the generation params) and explicit
 pip requirements. `start_server`, `wait_until_ready` and `predict_over_http` drive
 `mlflow models serve` from Python (the pipeline's serve check and the README demo use them).
+
+Every request is bounded:
+- at most MAX_ROWS prompt rows; max_new_tokens in [1, registry.max_new_tokens_cap]; seed in
+  [0, 2**32 - 1]; temperature >= 0; top_p in (0, 1]. Anything else is HTTP 400 with a one-line
+  message (an MlflowException; the scoring server adds a stack trace only to other exceptions).
+- a prompt longer than the model's context is cut from the left: its end, next to the answer, is
+  kept, as in training (data.fit_to_length). The context is the smaller of the model config's
+  max_position_embeddings and tokenizer.model_max_length; a causal prompt gets that minus
+  max_new_tokens (prompt and answer share the positions), a seq2seq prompt all of it.
+- sampling happens only when do_sample is true (temperature 0 then samples at 1.0).
+- each request has a budget of $LORAFLOW_REQUEST_SECONDS seconds (default and ceiling: the scoring
+  server's timeout, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, less SERVER_TIMEOUT_MARGIN_SECONDS),
+  counted from the request's start and spent waiting for the model's lock too. A request still
+  queued for the lock at the end of its budget gives up with HTTP 503 (TEMPORARILY_UNAVAILABLE);
+  one whose generation passes it is stopped and answers HTTP 504 (DEADLINE_EXCEEDED). Either
+  way the lock is free for the next request. The budget stays under the server's own timeout
+  because at that timeout the server answers 504 but its worker thread would go on generating,
+  holding the lock.
+- an unexpected failure is HTTP 500 naming the exception type; its traceback goes to the server log.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
+import numbers
 import os
 import signal
 import subprocess
@@ -25,19 +47,45 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE
 
-from loraflow import LoraflowError
+from loraflow import LoraflowError, say, tracking
 from loraflow.config import Config
 
 GENERATION_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "do_sample": False, "seed": 0}
 PARAM_TYPES = {"max_new_tokens": "long", "temperature": "double", "top_p": "double", "do_sample": "boolean",
                "seed": "long"}
+MAX_ROWS = 64  # prompt rows per request
+MAX_SEED = 2**32 - 1  # numpy's seed range, which transformers.set_seed goes through
+REQUEST_SECONDS_ENV = "LORAFLOW_REQUEST_SECONDS"
+SERVER_TIMEOUT_MARGIN_SECONDS = 5  # the budget ends this long before the scoring server's timeout
+UNSET_MODEL_MAX_LENGTH = 10**9  # tokenizers without a limit report int(1e30)
+
+logger = logging.getLogger(__name__)
 
 
 def invalid(message: str) -> MlflowException:
     """An error the scoring server answers with HTTP 400."""
     return MlflowException.invalid_parameter_value(message)
+
+
+def request_budget() -> float:
+    """Seconds a request may take: $LORAFLOW_REQUEST_SECONDS, at most the server's timeout less a margin."""
+    server_timeout = MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
+    ceiling = max(server_timeout - SERVER_TIMEOUT_MARGIN_SECONDS, server_timeout / 2)
+    configured = os.environ.get(REQUEST_SECONDS_ENV, "").strip()
+    if not configured:
+        return ceiling
+    try:
+        seconds = float(configured)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise MlflowException(f"{REQUEST_SECONDS_ENV} must be a positive number of seconds, got {configured!r}",
+                              error_code=INTERNAL_ERROR)
+    return min(seconds, ceiling)
 
 
 def prompts_from(model_input) -> list[str]:
@@ -47,6 +95,8 @@ def prompts_from(model_input) -> list[str]:
     frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
     if "prompt" not in frame.columns:
         raise invalid(f"the input needs a 'prompt' column; got columns {list(map(str, frame.columns))}")
+    if len(frame) > MAX_ROWS:
+        raise invalid(f"at most {MAX_ROWS} prompt rows per request, got {len(frame)}")
     prompts = frame["prompt"].tolist()
     if not all(isinstance(p, str) for p in prompts):
         raise invalid("every 'prompt' must be a string")
@@ -59,10 +109,13 @@ def checked_params(params: dict | None, cap: int) -> dict:
                                         if k in GENERATION_DEFAULTS and v is not None}}
     if not 1 <= values["max_new_tokens"] <= cap:
         raise invalid(f"max_new_tokens must be between 1 and {cap}, got {values['max_new_tokens']}")
-    if values["temperature"] < 0:
+    if not (math.isfinite(values["temperature"]) and values["temperature"] >= 0):
         raise invalid(f"temperature must be >= 0, got {values['temperature']}")
     if not 0 < values["top_p"] <= 1:
         raise invalid(f"top_p must be in (0, 1], got {values['top_p']}")
+    seed = values["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise invalid(f"seed must be an integer between 0 and {MAX_SEED}, got {seed}")
     return values
 
 
@@ -82,36 +135,110 @@ def saved_settings(cfg: Config) -> dict:
 
 
 def request_config(cfg: Config, settings: dict) -> Config:
-    """`cfg` with one request's decoding settings; do_sample at temperature 0 samples at temperature 1."""
-    temperature = settings["temperature"] or (1.0 if settings["do_sample"] else 0.0)
+    """`cfg` with one request's decoding settings: greedy unless do_sample (at temperature 0: 1.0)."""
+    # generation.generate samples exactly when eval.temperature > 0, so greedy is temperature 0
+    temperature = (settings["temperature"] or 1.0) if settings["do_sample"] else 0.0
     return dataclasses.replace(cfg, eval=dataclasses.replace(
         cfg.eval, max_new_tokens=settings["max_new_tokens"], temperature=temperature, top_p=settings["top_p"]))
+
+
+def context_length(model, tokenizer) -> int | None:
+    """Positions the model reads: the smaller of max_position_embeddings and model_max_length (None: no limit)."""
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(n) for n in limits if isinstance(n, numbers.Integral) and 0 < n < UNSET_MODEL_MAX_LENGTH]
+    return min(limits) if limits else None
+
+
+def prompt_tails(tokenizer, prompt: str):
+    """(tokens in the bare prompt, tail) where tail(k) is the end of `prompt` its last k tokens cover."""
+    if tokenizer.is_fast:
+        offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return len(offsets), lambda k: prompt[offsets[len(offsets) - k][0]:]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return len(ids), lambda k: tokenizer.decode(ids[len(ids) - k:])
+
+
+def fit_prompt(tokenizer, prompt: str, room: int, cfg: Config) -> str:
+    """`prompt` cut from the left until it is at most `room` tokens as generation encodes it (chat
+    template included); 400 when the template alone leaves no room."""
+    from loraflow import generation
+
+    def length(text: str) -> int:
+        return len(generation.encode_prompts(tokenizer, [text], cfg)[0])
+
+    encoded = length(prompt)
+    if encoded <= room:
+        return prompt
+    bare, tail = prompt_tails(tokenizer, prompt)
+    keep = room - (encoded - bare)  # the template's tokens stay
+    while keep > 0:  # tokens may merge differently at the cut: re-encode and shrink until it fits
+        excess = length(tail(keep)) - room
+        if excess <= 0:
+            return tail(keep)
+        keep -= excess
+    raise invalid(f"no room for the prompt: the model reads {room} tokens besides the answer "
+                  "and the prompt format alone takes more; lower max_new_tokens")
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
     """A merged causal or seq2seq model that answers one generated string per `prompt` row.
 
-    Prompts are formatted and decoded by evaluate.generate, exactly as in evaluation and training.
+    Prompts are formatted and decoded by generation.generate, exactly as in evaluation and training.
+    One generation runs at a time (the scoring server answers requests in threads); see the module
+    docstring for the limits of a request.
     """
 
     def load_context(self, context):
         from loraflow import models
 
+        request_budget()  # a bad LORAFLOW_REQUEST_SECONDS stops the server at start, not every request
         self.cfg = serving_config(context.model_config or {})
         self.model, self.tokenizer = models.load_model(self.cfg, context.artifacts["model"], quantize=False)
         self.model.eval()
+        self.context_tokens = context_length(self.model, self.tokenizer)
         self.lock = threading.Lock()
 
     def predict(self, context, model_input, params=None):
-        from loraflow import evaluate
-
+        started = time.monotonic()
+        budget = request_budget()
         prompts = prompts_from(model_input)
         settings = checked_params(params, self.cfg.registry.max_new_tokens_cap)
         if not prompts:
             return []
-        with self.lock:  # one generation at a time: the server answers requests in threads
-            return evaluate.generate(self.model, self.tokenizer, prompts, request_config(self.cfg, settings),
-                                     seed=settings["seed"])
+        if not self.lock.acquire(timeout=max(0.0, started + budget - time.monotonic())):
+            raise MlflowException(f"the server is busy: no turn came within this request's budget of {budget:g} s "
+                                  f"(${REQUEST_SECONDS_ENV}); retry later", error_code=TEMPORARILY_UNAVAILABLE)
+        try:
+            return self.generate(prompts, settings, deadline=started + budget, budget=budget)
+        finally:
+            self.lock.release()
+
+    def prompt_room(self, max_new_tokens: int) -> int | None:
+        """Tokens a prompt may take: the context, less the answer's share for a causal model."""
+        if self.context_tokens is None:
+            return None
+        return self.context_tokens - (max_new_tokens if self.cfg.model.kind == "causal" else 0)
+
+    def generate(self, prompts: list[str], settings: dict, deadline: float, budget: float) -> list[str]:
+        """Answers under the lock; the deadline and unexpected errors become clean MlflowExceptions."""
+        from loraflow import generation
+
+        try:
+            room = self.prompt_room(settings["max_new_tokens"])
+            if room is not None:  # tokenised under the lock: a fast tokenizer is not safe across threads
+                prompts = [fit_prompt(self.tokenizer, p, room, self.cfg) for p in prompts]
+            return generation.generate(self.model, self.tokenizer, prompts, request_config(self.cfg, settings),
+                                       seed=settings["seed"], deadline=deadline, progress=False)
+        except generation.DeadlinePassed:
+            raise MlflowException(f"generation stopped: the request passed its budget of {budget:g} s "
+                                  f"(${REQUEST_SECONDS_ENV}); send fewer rows or a smaller max_new_tokens",
+                                  error_code=DEADLINE_EXCEEDED) from None
+        except MlflowException:
+            raise
+        except Exception as exc:  # the scoring server would answer 400 with the traceback in the body
+            logger.exception("generation failed")
+            raise MlflowException(f"generation failed ({type(exc).__name__}); the server log has the details",
+                                  error_code=INTERNAL_ERROR) from None
 
 
 def model_signature(cfg: Config):
@@ -121,7 +248,7 @@ def model_signature(cfg: Config):
 
     max_new_tokens = min(cfg.eval.max_new_tokens, cfg.registry.max_new_tokens_cap)
     defaults = {**GENERATION_DEFAULTS, "max_new_tokens": max_new_tokens, "temperature": cfg.eval.temperature,
-                "top_p": cfg.eval.top_p}
+                "top_p": cfg.eval.top_p, "do_sample": cfg.eval.temperature > 0}
     params = ParamSchema([ParamSpec(name, PARAM_TYPES[name], value) for name, value in defaults.items()])
     return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
                           params=params)
@@ -155,40 +282,49 @@ def default_model_uri(cfg: Config) -> str:
     return f"models:/{cfg.model_name}@{cfg.registry.alias}"
 
 
-def check_model_exists(model_uri: str) -> None:
+def check_model_exists(model_uri: str, store: tracking.Store) -> None:
     """A one-line error when a models:/name@alias or models:/name/version URI names nothing."""
     if not model_uri.startswith("models:/"):
         return
     name, _, ref = model_uri.removeprefix("models:/").partition("@")
-    client = mlflow.MlflowClient()
+    client = store.client()
     try:
         if ref:
             client.get_model_version_by_alias(name, ref)
         elif "/" in name:
             client.get_model_version(*name.split("/", 1))
     except MlflowException:
-        raise LoraflowError(f"no model at {model_uri} in {mlflow.get_tracking_uri()}: "
+        raise LoraflowError(f"no model at {model_uri} in {tracking.redact(store.uri)}: "
                             "run `loraflow register` first or pass --model-uri") from None
 
 
-def serve_command(model_uri: str, host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-            "-h", host, "-p", str(port)]
+def serve_command(model_uri: str, host: str, port: int, workers: int = 1, timeout: int | None = None) -> list[str]:
+    """The `mlflow models serve` command line; `timeout` None keeps MLflow's (60 s or its env var).
+
+    Each of `workers` processes loads its own copy of the model. `timeout` also bounds the request
+    budget (see the module docstring): the server passes it to its workers in the environment.
+    """
+    if workers < 1 or (timeout is not None and timeout < 1):
+        raise LoraflowError(f"workers and timeout must be at least 1, got workers={workers}, timeout={timeout}")
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "-h", host, "-p", str(port), "--workers", str(workers)]
+    return command + (["--timeout", str(timeout)] if timeout is not None else [])
 
 
-def server_env(env: dict | None = None) -> dict:
+def server_env(store: tracking.Store, env: dict | None = None) -> dict:
     """The environment for the server: `uvicorn` found beside this Python, the tracking URI passed on."""
     env = dict(os.environ if env is None else env)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("MLFLOW_TRACKING_URI", mlflow.get_tracking_uri())
+    env["MLFLOW_TRACKING_URI"] = store.uri
     return env
 
 
-def start_server(model_uri: str, host: str = "127.0.0.1", port: int = 5001, env: dict | None = None,
+def start_server(model_uri: str, store: tracking.Store, host: str = "127.0.0.1", port: int = 5001,
+                 env: dict | None = None, *, workers: int = 1, timeout: int | None = None,
                  **popen_options) -> subprocess.Popen:
     """Start `mlflow models serve` in its own process group (stop it with `stop_server`)."""
-    return subprocess.Popen(serve_command(model_uri, host, port), env=server_env(env), start_new_session=True,
-                            **popen_options)
+    return subprocess.Popen(serve_command(model_uri, host, port, workers=workers, timeout=timeout),
+                            env=server_env(store, env), start_new_session=True, **popen_options)
 
 
 def stop_server(process: subprocess.Popen, timeout: float = 20) -> None:
@@ -243,19 +379,21 @@ def predict_over_http(url: str, prompts: list[str], params: dict | None = None, 
         raise LoraflowError(f"the model server answered {exc.code}: {detail.splitlines()[0][:300]}") from None
 
 
-def run(cfg: Config, *, host: str = "127.0.0.1", port: int = 5001, model_uri: str | None = None) -> None:
-    """`loraflow serve`: run `mlflow models serve` in the foreground; its exit code becomes ours."""
+def run(cfg: Config, store: tracking.Store, *, host: str = "127.0.0.1", port: int = 5001,
+        model_uri: str | None = None, workers: int = 1, timeout: int | None = None) -> None:
+    """`loraflow serve`: run `mlflow models serve` in the foreground; its exit code becomes ours.
+
+    SIGTERM or Ctrl+C stops the whole server (its own process group) before loraflow exits, so the
+    port is free again.
+    """
     model_uri = model_uri or default_model_uri(cfg)
-    check_model_exists(model_uri)
-    print(f"loraflow: serving {model_uri} on http://{host}:{port} (POST /invocations)", file=sys.stderr)
-    process = subprocess.Popen(serve_command(model_uri, host, port), env=server_env())
+    check_model_exists(model_uri, store)
+    say(f"serving {model_uri} on http://{host}:{port} (POST /invocations)")
+    process = start_server(model_uri, store, host, port, workers=workers, timeout=timeout)
     try:
         code = process.wait()
-    except KeyboardInterrupt:  # Ctrl+C reached the server too; give it time to shut down
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    except KeyboardInterrupt:
+        stop_server(process)
         raise
     if code != 0:
         sys.exit(code)
