@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_generate.py [--smoke] [--pairs 5] [--prompts 16] [--max-new-tokens 32]
 
 Arms, each answering the same held-out prompts once per round:
-  loraflow_fp32     evaluate.generate (batches of eval.batch_size, left padding, sorted by length),
+  loraflow_fp32     generation.generate (batches of eval.batch_size, left padding, sorted by length),
                     the model in fp32;
   loraflow_default  the same with the model as loraflow loads it (model.dtype=auto: bf16 on AMX CPUs);
   naive_fp32        the way notebooks do it: apply_chat_template, then model.generate per prompt
@@ -65,7 +65,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     import torch
 
-    from loraflow import data, evaluate, models
+    from loraflow import data, generation, models
 
     args = parse_args(argv)
     model_path = common.model_for(args.smoke)
@@ -79,9 +79,9 @@ def main(argv=None) -> dict:
     default_model, _ = models.load_model(cfg, model_path, quantize=False)
     fp32_model.eval(), default_model.eval()
     answers: dict[str, list[str]] = {}
-    arms = {"loraflow_fp32": arm(lambda: evaluate.generate(fp32_model, tokenizer, prompts, fp32_cfg), answers,
+    arms = {"loraflow_fp32": arm(lambda: generation.generate(fp32_model, tokenizer, prompts, fp32_cfg), answers,
                                  "loraflow_fp32", prompts),
-            "loraflow_default": arm(lambda: evaluate.generate(default_model, tokenizer, prompts, cfg), answers,
+            "loraflow_default": arm(lambda: generation.generate(default_model, tokenizer, prompts, cfg), answers,
                                     "loraflow_default", prompts),
             "naive_fp32": arm(lambda: naive_generate(fp32_model, tokenizer, prompts, args.max_new_tokens), answers,
                               "naive_fp32", prompts)}

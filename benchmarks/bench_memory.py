@@ -61,7 +61,7 @@ def child(name: str, model_path: str, steps: int) -> dict:
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = models.load_model(cfg, model_path)
     model = models.attach_lora(model, cfg)
-    trainer, counter = train.build_trainer(cfg, model, tokenizer, prepared, Path(cfg.train.output_dir))
+    trainer = train.build_trainer(cfg, model, tokenizer, prepared, Path(cfg.train.output_dir))
     with mlflow.start_run():
         trainer.train()
     return {"peak_rss_mb": peak_rss_mb(), "vm_hwm_mb": peak_of_address_space_mb(), "compute_dtype": str(models.compute_dtype(cfg)).removeprefix("torch."),

@@ -90,7 +90,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     import mlflow
 
-    from loraflow import data, serving
+    from loraflow import data, serving, tracking
 
     args = parse_args(argv)
     common.use_temporary_tracking()
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
     port = free_port()
     url = f"http://{HOST}:{port}"
     log_file = tempfile.NamedTemporaryFile(prefix="bench-serving-", suffix=".log", delete=False)
-    process = serving.start_server(model_uri, HOST, port, stdout=log_file, stderr=log_file)
+    process = serving.start_server(model_uri, tracking.connect(), HOST, port, stdout=log_file, stderr=log_file)
     answers: dict[str, list[str]] = {}
     try:
         startup, _ = common.timed(lambda: serving.wait_until_ready(url, timeout=300, process=process))

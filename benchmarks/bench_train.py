@@ -135,15 +135,16 @@ def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast
         output_dir = Path(tempfile.mkdtemp(prefix="bench-loraflow-", dir=cfg.train.output_dir))
         make_arguments = train.training_arguments if autocast else without_autocast(train.training_arguments)
         with mock.patch.object(train, "training_arguments", make_arguments):
-            setup, (trainer, counter) = common.timed(
-                lambda: train.build_trainer(cfg, model, tokenizer, prepared, output_dir))
-        tokens = counter.collate = TokenCounter(counter.collate, model)
+            setup, trainer = common.timed(lambda: train.build_trainer(cfg, model, tokenizer, prepared, output_dir))
+        counted = {"tokens": 0}
+        train.count_trained_tokens(trainer.model, cfg, counted)
+        tokens = trainer.data_collator = TokenCounter(trainer.data_collator, model)
         logging = time_mlflow_logging(trainer)
         with mlflow.start_run():
             wall, _ = common.timed(trainer.train)
         kept[name] = (model, tokenizer)
         return {**measurement(trainer, tokens, wall, setup), "mlflow_logging_seconds": logging[0],
-                "train_py_counted_tokens": counter.tokens}  # what train.run would log as train/tokens
+                "train_py_counted_tokens": counted["tokens"]}  # what train.run would log as train/tokens
     return run
 
 

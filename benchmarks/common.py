@@ -204,6 +204,5 @@ def use_temporary_tracking() -> str:
         folder = Path(tempfile.mkdtemp(prefix="loraflow-bench-mlflow-"))
         uri = os.environ["LORAFLOW_BENCH_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
     os.environ.pop("MLFLOW_RUN_ID", None)
-    tracking.use_tracking(uri)
-    tracking.use_experiment("benchmarks")
+    tracking.connect(uri, "benchmarks")
     return uri

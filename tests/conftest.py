@@ -11,6 +11,7 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -55,7 +56,7 @@ def isolated_tracking(tmp_path, monkeypatch, empty_store):
     from mlflow.tracking import fluent
 
     mlflow.set_tracking_uri(uri)
-    fluent._active_experiment_id = None
+    fluent._active_experiment_id = None  # a test's mlflow.set_experiment must not leak into the next store
     yield uri
     while mlflow.active_run():
         mlflow.end_run()

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 import torch
 
-from loraflow import LoraflowError, data, evaluate, models, train
+from loraflow import LoraflowError, data, evaluate, generation, models, train
 from loraflow.config import load_config
 
 METRICS = ("rouge1", "rougeL")
@@ -68,7 +68,7 @@ def test_batched_left_padded_greedy_equals_one_prompt_at_a_time(tiny_llama, writ
     model, tokenizer = models.load_model(cfg, str(tiny_llama))
     prompts = ["mug", "Describe: Red ceramic mug with a wide handle and a glossy glaze, made for coffee lovers",
                "oak desk", "lamp " * 12, "Describe: blue cotton shirt", "a b"]
-    batched = evaluate.generate(model, tokenizer, prompts, cfg)
+    batched = generation.generate(model, tokenizer, prompts, cfg)
     for prompt, answer in zip(prompts, batched):
         ids = torch.tensor([data.prompt_token_ids(tokenizer, prompt, cfg)])
         output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
@@ -129,10 +129,6 @@ def test_bad_inputs_give_one_error_line(tiny_llama, write_project, run_cli):
         code, _, err = run_cli("evaluate", project, *args)
         assert code == 2 and one_error_line(err) and message in err, (args, err)
     assert not runs_of("evaluate")
-    cfg = load_config(str(project))
-    cfg.eval.metrics = ["rougeL", "bleurt"]
-    with pytest.raises(LoraflowError, match="unknown metric 'bleurt'"):
-        evaluate.run(cfg, adapter_dir="unused")
 
 
 def test_an_adapter_for_another_model_fails_the_started_run(tiny_llama, tiny_t5, write_project, run_cli, tmp_path):
@@ -176,10 +172,29 @@ def test_continued_pretraining_compares_losses_only(tiny_llama, write_project, r
     text = tmp_path / "book.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: the red mug sits on an oak desk near a lamp." for i in range(40)))
     project = write_project(tiny_llama, data={"path": str(text), "max_length": 32},
-                            train={"objective": "cpt", "max_steps": 2})
+                            train={"objective": "cpt", "max_steps": 2}, registry={"gate_metric": "loss"})
     assert run_cli("train", project)[0] == 0
     code, out, err = run_cli("evaluate", project)
     assert code == 0, err
     [run] = runs_of("evaluate")
     assert {"base/loss", "tuned/loss", "base/perplexity", "tuned/perplexity"} == set(run.data.metrics)
     assert "tuned/loss=" in out
+
+
+def test_training_eval_loss_is_the_evaluate_stage_estimator(tiny_llama, write_project, run_cli):
+    """Training's eval/loss and evaluate's tuned/loss are one token-weighted estimator on the same rows."""
+    project = write_project(tiny_llama, train={"eval_steps": 4, "eval_rows": 8}, eval={"batch_size": 3})
+    assert run_cli("train", project)[0] == 0
+    [trained] = runs_of("train")
+    assert run_cli("evaluate", project, "--run-id", trained.info.run_id)[0] == 0
+    [evaluation] = runs_of("evaluate")
+    assert abs(trained.data.metrics["eval/loss"] - evaluation.data.metrics["tuned/loss"]) < 1e-4
+
+
+def test_evaluate_logs_the_test_split_it_judged_as_a_dataset_input(tiny_llama, write_project, run_cli):
+    project = write_project(tiny_llama, train={"max_steps": 1})
+    assert run_cli("train", project)[0] == 0
+    assert run_cli("evaluate", project)[0] == 0
+    [evaluation] = runs_of("evaluate")
+    inputs = {(i.dataset.name, i.tags[0].value) for i in evaluation.inputs.dataset_inputs}
+    assert inputs == {("tiny-test", "test")}

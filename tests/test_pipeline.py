@@ -3,6 +3,7 @@ and running under a run that `mlflow run` created."""
 from __future__ import annotations
 
 import mlflow
+from helpers import assert_one_line_error
 
 STAGES = ("prepare", "train", "evaluate", "register")
 FAST = {"train": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "eval_rows": 4},
@@ -15,9 +16,10 @@ def runs_by_stage(stage: str) -> list:
                               filter_string=f"tags.`loraflow.stage` = '{stage}'")
 
 
-def step_runs(stage: str) -> list:
+def step_runs(stage: str, status: str | None = None) -> list:
     """Runs the pipeline made for a step (the register stage's gate evaluation is not one)."""
-    return [r for r in runs_by_stage(stage) if "loraflow.step_key" in r.data.tags]
+    return [r for r in runs_by_stage(stage) if "loraflow.step_key" in r.data.tags
+            and status in (None, r.info.status)]
 
 
 def latest_pipeline_run():
@@ -32,12 +34,22 @@ def champion_version(name: str = "tiny") -> str:
     return str(mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version)
 
 
-def test_failed_step_is_fixed_then_finished_steps_are_reused_and_served(tiny_llama, write_project, run_cli):
+def test_failed_step_is_fixed_then_finished_steps_are_reused_and_served(tiny_llama, write_project, run_cli,
+                                                                         monkeypatch):
+    from loraflow import models
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
     project = write_project(tiny_llama, **FAST)
-    code, _, err = run_cli("pipeline", project, "--set", "registry.gate_metric=bertscore")
-    assert code == 2 and err.strip().splitlines()[-1].startswith("error: registry.gate_metric"), err
+    with monkeypatch.context() as patch:  # a fault in the register step, after training and evaluation
+        patch.setattr(models, "merge_adapter", disk_full)
+        code, _, err = run_cli("pipeline", project)
+    assert_one_line_error(code, err, "No space left on device")
     assert latest_pipeline_run().info.status == "FAILED"
-    assert [r.info.status for r in step_runs("train")] == ["FINISHED"] and not step_runs("register")
+    assert [r.info.status for r in step_runs("train")] == ["FINISHED"]
+    assert [r.info.status for r in step_runs("register")] == ["FAILED"]
+    assert not mlflow.MlflowClient().search_registered_models("name = 'tiny'")
 
     code, out, err = run_cli("pipeline", project)  # fixed: prepare, train and evaluate are reused
     assert code == 0, err
@@ -48,9 +60,8 @@ def test_failed_step_is_fixed_then_finished_steps_are_reused_and_served(tiny_lla
     assert parent.data.tags["loraflow.registered_version"] == version
     assert "tuned/rougeL" in parent.data.metrics and "eval/loss" in parent.data.metrics
     for stage in STAGES:
-        [run] = step_runs(stage)
-        assert run.info.status == "FINISHED"
-    register_run = step_runs("register")[0]
+        [run] = step_runs(stage, "FINISHED")
+    register_run = step_runs("register", "FINISHED")[0]
     assert register_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert f"registered: models:/tiny/{version}" in out and "mlflow ui --backend-store-uri sqlite:///" in out
 
@@ -58,7 +69,7 @@ def test_failed_step_is_fixed_then_finished_steps_are_reused_and_served(tiny_lla
     assert code == 0, err
     rerun = latest_pipeline_run()
     assert rerun.info.run_id != parent.info.run_id and set(reused(rerun).values()) == {"true"}
-    assert all(len(step_runs(stage)) == 1 for stage in STAGES)
+    assert all(len(step_runs(stage, "FINISHED")) == 1 for stage in STAGES)
     assert champion_version() == version and len(mlflow.MlflowClient().search_model_versions("name='tiny'")) == 1
     assert "REST prediction: '" in out
     prediction = mlflow.artifacts.load_dict(f"runs:/{rerun.info.run_id}/serve_check/prediction.json")

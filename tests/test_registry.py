@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from loraflow import models, registry
+from loraflow import models, registry, tracking
 from loraflow.config import load_config
 
 
@@ -96,22 +96,27 @@ def test_register_gate_aliases_card_and_pyfunc(tiny_llama, write_project, run_cl
 
 def test_best_finished_training_run_is_chosen_by_gate_metric(tiny_llama, write_project):
     cfg = load_config(str(write_project(tiny_llama)))
-    mlflow.set_experiment("tiny")
-    tags = {"loraflow.stage": "train"}
+    store = tracking.connect(cfg=cfg)
+    tags = {"loraflow.stage": "train", "loraflow.project": cfg.name,
+            "loraflow.training_hash": tracking.training_hash(cfg)}
+    other_config = {**tags, "loraflow.training_hash": "another-config"}
+    trial = {**tags, "loraflow.trial_number": "0"}
     runs = {}
-    for label, metrics in (("low_loss", {"eval/loss": 1.0}), ("high_loss", {"eval/loss": 2.0})):
-        with mlflow.start_run(tags=tags) as active:
+
+    def training_run(label, metrics, run_tags=tags, status="FINISHED"):
+        with mlflow.start_run(experiment_id=store.experiment_id, tags=run_tags) as active:
             mlflow.log_metrics(metrics)
+            mlflow.end_run(status)
         runs[label] = active.info.run_id
-    assert registry.best_training_run(cfg) == runs["low_loss"]
+    for label, metrics in (("low_loss", {"eval/loss": 1.0}), ("high_loss", {"eval/loss": 2.0})):
+        training_run(label, metrics)
+    training_run("other_config", {"eval/loss": 0.01}, other_config)  # never chosen: another training config
+    training_run("trial", {"eval/loss": 0.01}, trial)  # never chosen without --from-study: a tune trial
+    assert registry.best_training_run(cfg, store) == runs["low_loss"]
     for label, delta in (("evaluated_worse", 0.01), ("evaluated_better", 0.2)):
-        with mlflow.start_run(tags=tags) as active:
-            mlflow.log_metrics({"eval/loss": 3.0, "delta/rougeL": delta})
-        runs[label] = active.info.run_id
-    with mlflow.start_run(tags=tags) as active:
-        mlflow.log_metrics({"eval/loss": 0.1, "delta/rougeL": 0.9})
-        mlflow.end_run("FAILED")
-    assert registry.best_training_run(cfg) == runs["evaluated_better"]
+        training_run(label, {"eval/loss": 3.0, "delta/rougeL": delta})
+    training_run("failed", {"eval/loss": 0.1, "delta/rougeL": 0.9}, status="FAILED")
+    assert registry.best_training_run(cfg, store) == runs["evaluated_better"]
 
 
 @pytest.mark.parametrize("minimum, champion, metric, passed", [
@@ -138,8 +143,8 @@ def test_bad_input_is_one_line_and_registers_nothing(tiny_llama, write_project, 
     code, _, err = run_cli("register", project, "--from-run", "0123456789abcdef0123456789abcdef")
     assert code != 0 and error_line(err).startswith("error: unknown run id")
 
-    mlflow.set_experiment("tiny")
-    with mlflow.start_run(tags={"loraflow.stage": "train", "loraflow.base_model": str(tiny_llama)}) as empty:
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("tiny").experiment_id,
+                          tags={"loraflow.stage": "train", "loraflow.base_model": str(tiny_llama)}) as empty:
         pass
     code, _, err = run_cli("register", project, "--from-run", empty.info.run_id)
     assert code != 0 and "no 'adapter' artifact" in error_line(err)
@@ -165,5 +170,5 @@ def test_a_failure_while_registering_leaves_nothing_registered(tiny_llama, write
         raise RuntimeError("registry unavailable")
     monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", broken_alias)
     with pytest.raises(RuntimeError):
-        registry.register_version(cfg, model_uri, {"gate.metric": "rougeL"}, "card")
+        registry.register_version(cfg, tracking.connect(cfg=cfg), model_uri, {"gate.metric": "rougeL"}, "card")
     assert mlflow.MlflowClient().search_registered_models() == []

@@ -1,24 +1,31 @@
 """`loraflow train` end to end on the tiny model: run, metrics, artifacts, weights, resume."""
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import mlflow
 import pytest
 import torch
+from helpers import assert_one_line_error, runs_of
 from safetensors.torch import load_file
 
-from loraflow import train
+from loraflow import data, models, train
 from loraflow.config import load_config
 
 
-def finished_runs(stage="train"):
-    return mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`loraflow.stage` = '{stage}'")
 
 
 def test_train_logs_run_metrics_artifacts_and_lineage(tiny_llama, write_project, run_cli):
     code, out, err = run_cli("train", write_project(tiny_llama))
     assert code == 0, err
-    [run] = finished_runs()
+    [run] = runs_of("train")
     assert run.info.status == "FINISHED"
     assert run.data.params["lora.r"] == "4" and run.data.params["train.max_steps"] == "4"
     client = mlflow.MlflowClient()
@@ -52,25 +59,96 @@ def test_lora_weights_change_and_base_weights_do_not(tiny_llama, write_project):
         assert torch.equal(trained[key].to(value.dtype), value), key
 
 
-def test_resume_continues_the_same_run(tiny_llama, write_project, run_cli):
-    project = write_project(tiny_llama)
-    assert run_cli("train", project, "--set", "train.max_steps=2")[0] == 0
-    [first] = finished_runs()
-    code, _, err = run_cli("train", project, "--set", "train.max_steps=4", "--resume")
+def trained_label_tokens(project) -> int:
+    """What train/tokens must be for one epoch: the loss positions of every training example (causal
+    labels shifted by one), computed from the prepared rows."""
+    cfg = load_config(str(project))
+    tokenizer = models.load_tokenizer(cfg.model.name)
+    examples = data.training_examples(data.prepare(cfg).splits["train"], tokenizer, cfg)
+    return sum(sum(label != data.IGNORE_INDEX for label in e["labels"][1:]) for e in examples)
+
+
+def test_tokens_count_what_the_optimizer_trained_on(tiny_llama, write_project, run_cli):
+    """Evaluating every step or only at the end logs the same train/tokens: the label tokens of one epoch."""
+    project = write_project(tiny_llama, train={"max_steps": -1, "epochs": 1})
+    for experiment, eval_steps in (("every-step", 1), ("at-the-end", 1000)):
+        assert run_cli("train", project, "--set", f"train.eval_steps={eval_steps}", "--experiment", experiment)[0] == 0
+    counted = {run.data.metrics["train/tokens"] for run in runs_of("train")}
+    assert counted == {trained_label_tokens(project)}
+    [run] = runs_of("train", experiment="every-step")
+    assert run.data.metrics["train/tokens_per_second"] == pytest.approx(
+        run.data.metrics["train/tokens"] / run.data.metrics["train/wall_seconds"])
+
+
+def send_when_checkpointed(signum: int, pid: int, folder: Path, step: int = 2) -> threading.Thread:
+    """A thread that sends `signum` to `pid` once a complete checkpoint-`step` exists under `folder`."""
+    def watch():
+        pattern = f"outputs/*/*/checkpoint-{step}/{train.COMPLETE_MARKER}"
+        for _ in range(6000):
+            if list(folder.glob(pattern)):
+                os.kill(pid, signum)
+                return
+            time.sleep(0.02)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def steps_logged(run_id: str, key: str = "train/loss") -> list[int]:
+    return sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key))
+
+
+def test_sigterm_checkpoints_ends_killed_and_resume_finishes_the_same_run(tiny_llama, write_project, run_cli,
+                                                                           tmp_path):
+    project = write_project(tiny_llama, train={"max_steps": 40, "save_steps": 2, "eval_steps": 10})
+    send_when_checkpointed(signal.SIGTERM, os.getpid(), tmp_path)
+    code, _, err = run_cli("train", project)
+    assert code == 143, err
+    assert_one_line_error(code, err, "--resume")
+    [killed] = runs_of("train")
+    assert killed.info.status == "KILLED"
+    code, _, err = run_cli("train", project, "--resume")
     assert code == 0, err
-    [run] = finished_runs()
-    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
-    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")]
-    assert steps == [1, 2, 3, 4]
+    [run] = runs_of("train")
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert steps_logged(run.info.run_id) == list(range(1, 41))
+    assert steps_logged(run.info.run_id, "eval/loss") == [10, 20, 30, 40]
+    assert run_cli("train", project, "--experiment", "uninterrupted")[0] == 0
+    [whole] = runs_of("train", experiment="uninterrupted")
+    assert run.data.metrics["train/tokens"] == whole.data.metrics["train/tokens"]
+    code, _, err = run_cli("train", project, "--resume", "--run-id", run.info.run_id)
+    assert_one_line_error(code, err, "is FINISHED")
+
+
+def test_kill_9_is_marked_killed_and_resumes_from_the_newest_complete_checkpoint(tiny_llama, write_project,
+                                                                                 run_cli, tmp_path, isolated_tracking):
+    project = write_project(tiny_llama, train={"max_steps": 60, "save_steps": 2, "eval_steps": 1000})
+    process = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "train", str(project)], cwd=tmp_path,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": isolated_tracking},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    send_when_checkpointed(signal.SIGKILL, process.pid, tmp_path).join(timeout=300)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    [dead] = runs_of("train")
+    assert dead.info.status == "RUNNING"
+    output_dir = Path(dead.data.tags["loraflow.output_dir"])
+    (output_dir / "checkpoint-59").mkdir()  # a save cut short: no completion marker
+    code, _, err = run_cli("train", project, "--resume")
+    assert code == 0, err
+    assert f"marked 1 run(s) whose process died as KILLED: {dead.info.run_id}" in err
+    assert "checkpoint-59 was not written to the end" in err
+    [run] = runs_of("train")
+    assert run.info.run_id == dead.info.run_id and run.info.status == "FINISHED"
+    assert steps_logged(run.info.run_id) == list(range(1, 61))
 
 
 def test_cpt_objective_trains_on_raw_text_blocks(tiny_llama, write_project, tmp_path, run_cli):
     text = tmp_path / "book.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: the red mug sits on an oak desk near a lamp." for i in range(40)))
-    project = write_project(tiny_llama, data={"path": str(text), "max_length": 32}, train={"objective": "cpt"})
+    project = write_project(tiny_llama, data={"path": str(text), "max_length": 32}, train={"objective": "cpt"},
+                            registry={"gate_metric": "loss"})
     code, _, err = run_cli("train", project)
     assert code == 0, err
-    [run] = finished_runs()
+    [run] = runs_of("train")
     assert run.data.metrics["train/tokens"] > 0
 
 
@@ -80,7 +158,7 @@ def test_quantized_training_runs(tiny_llama, write_project, run_cli, quantizatio
                             train={"max_steps": 2})
     code, _, err = run_cli("train", project)
     assert code == 0, err
-    assert finished_runs()[0].info.status == "FINISHED"
+    assert runs_of("train")[0].info.status == "FINISHED"
 
 
 def test_amazon_titles_real_data(sample_data, tiny_llama, write_project, run_cli):
@@ -89,10 +167,21 @@ def test_amazon_titles_real_data(sample_data, tiny_llama, write_project, run_cli
                                               "max_rows": 120, "max_length": 64}, train={"max_steps": 2})
     code, _, err = run_cli("train", project)
     assert code == 0, err
-    [run] = finished_runs()
+    [run] = runs_of("train")
     metrics = run.data.metrics
     assert metrics["data/rows_read"] == 120
     dropped = sum(v for k, v in metrics.items() if k.startswith("data/rows_dropped_"))
     assert metrics["data/rows_kept"] == 120 - dropped
     sample = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/data/sample_train.jsonl")
     assert "&#8217;" not in sample and "&amp;" not in sample  # HTML entities were unescaped
+
+
+def test_passwords_in_urls_are_recorded_as_stars(tiny_llama, write_project, run_cli):
+    project = write_project(tiny_llama, train={"max_steps": 1},
+                            tune={"storage": "postgresql://trainer:hunter2@db.example/optuna"})
+    assert run_cli("train", project)[0] == 0
+    [run] = runs_of("train")
+    recorded = json.dumps([run.data.params, run.data.tags]) + mlflow.artifacts.load_text(
+        f"runs:/{run.info.run_id}/config/resolved.yaml")
+    assert "hunter2" not in recorded
+    assert run.data.params["tune.storage"] == "postgresql://trainer:***@db.example/optuna"

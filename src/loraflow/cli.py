@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import shlex
+import signal
 import sys
 import traceback
 
@@ -35,20 +36,17 @@ def project_options(func):
     def wrapper(project, overrides, overrides_text, tracking_uri, experiment, **kwargs):
         all_overrides = shlex.split(overrides_text) + list(overrides)
         options = {key: (None if value == "" else value) for key, value in kwargs.items()}
-        return func(setup(project, all_overrides, tracking_uri, experiment), **options)
+        return func(*setup(project, all_overrides, tracking_uri, experiment), **options)
     return wrapper
 
 
 def setup(project: str, overrides, tracking_uri: str | None, experiment: str | None):
-    """Load and validate the config, then point MLflow at the store and experiment."""
+    """(config, store): load and validate the config, then connect to the store and experiment."""
     from loraflow import tracking
     from loraflow.config import load_config
 
     cfg = load_config(project, overrides)
-    tracking.use_tracking(tracking_uri)
-    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the run and experiment are given
-        tracking.use_experiment(experiment or cfg.name)
-    return cfg
+    return cfg, tracking.connect(tracking_uri, experiment, cfg)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -64,14 +62,14 @@ def cli():
 
 @cli.command()
 @project_options
-def prepare(cfg):
+def prepare(cfg, store):
     """Read, clean and split the data.
 
     Logs row counts (read, dropped by reason, kept, per split), samples and the datasets to MLflow.
     """
     from loraflow import data
 
-    prepared = data.run(cfg)
+    prepared = data.run(cfg, store)
     counts = ", ".join(f"{k.removeprefix('rows_')}={v}" for k, v in prepared.counts.items())
     click.echo(f"prepared {prepared.source}: {counts}")
 
@@ -80,7 +78,7 @@ def prepare(cfg):
 @project_options
 @click.option("--resume", is_flag=True, help="Continue the latest (or --run-id) training run from its checkpoint.")
 @click.option("--run-id", default=None, help="With --resume: the MLflow run to continue.")
-def train(cfg, resume, run_id):
+def train(cfg, store, resume, run_id):
     """Train a LoRA/QLoRA adapter (SFT or CPT).
 
     One MLflow run: params, train/loss per step, eval/loss at intervals, tokens, time, memory,
@@ -88,7 +86,7 @@ def train(cfg, resume, run_id):
     """
     from loraflow import train as train_stage
 
-    result = train_stage.run(cfg, resume=resume, run_id=run_id)
+    result = train_stage.run(cfg, store=store, resume=resume, run_id=run_id)
     click.echo(f"run {result.run_id}: eval/loss={result.eval_loss:.4f} "
                f"tokens/s={result.metrics['train/tokens_per_second']:.0f}")
 
@@ -98,7 +96,7 @@ def train(cfg, resume, run_id):
 @click.option("--run-id", default=None, help="Training run to judge (default: the project's latest finished one).")
 @click.option("--model-uri", default=None, help="A registered model instead, e.g. models:/name@champion.")
 @click.option("--adapter", default=None, type=click.Path(), help="A local adapter folder instead.")
-def evaluate(cfg, run_id, model_uri, adapter):
+def evaluate(cfg, store, run_id, model_uri, adapter):
     """Compare base and tuned models on held-out rows.
 
     Generates with both on the test split over eval.seeds and logs base/, tuned/ and delta/ metrics
@@ -106,11 +104,8 @@ def evaluate(cfg, run_id, model_uri, adapter):
     """
     from loraflow import evaluate as evaluate_stage
 
-    result = evaluate_stage.run(cfg, run_id=run_id, model_uri=model_uri, adapter_dir=adapter)
-    deltas = [f"{key}={value:+.4f} [{result.summary[key + '_ci_low']:+.4f}, {result.summary[key + '_ci_high']:+.4f}]"
-              for key, value in result.summary.items() if key + "_ci_low" in result.summary]
-    losses = [f"{key}={result.summary[key]:.4f}" for key in ("base/loss", "tuned/loss") if key in result.summary]
-    click.echo(f"run {result.run_id}: " + ", ".join(deltas + losses))
+    result = evaluate_stage.run(cfg, store=store, run_id=run_id, model_uri=model_uri, adapter_dir=adapter)
+    click.echo(f"run {result.run_id}: {evaluate_stage.summary_line(result.summary)}")
 
 
 @cli.command()
@@ -118,7 +113,7 @@ def evaluate(cfg, run_id, model_uri, adapter):
 @click.option("--n-trials", type=int, default=None, help="Trials to run now (default: tune.n_trials; 0 = default).")
 @click.option("--study", "study_name", default=None, help="Study name; an existing study is resumed.")
 @click.option("--storage", default=None, help="Optuna storage URL (default: a journal file in .mlruns/).")
-def tune(cfg, n_trials, study_name, storage):
+def tune(cfg, store, n_trials, study_name, storage):
     """Search LoRA rank, alpha and learning rate.
 
     An Optuna study (TPE, pruning on validation loss); every trial is a training run nested under
@@ -126,7 +121,9 @@ def tune(cfg, n_trials, study_name, storage):
     """
     from loraflow import tune as tune_stage
 
-    tune_stage.run(cfg, n_trials=n_trials, study_name=study_name, storage=storage)
+    result = tune_stage.run(cfg, store=store, n_trials=n_trials, study_name=study_name, storage=storage)
+    click.echo(result.table)
+    click.echo(result.summary_line())
 
 
 @cli.command()
@@ -134,7 +131,7 @@ def tune(cfg, n_trials, study_name, storage):
 @click.option("--from-run", default=None, help="Training run whose adapter to register.")
 @click.option("--from-study", default=None, help="Register the best trial of this Optuna study.")
 @click.option("--force", is_flag=True, help="Register even if the promotion gate refuses.")
-def register(cfg, from_run, from_study, force):
+def register(cfg, store, from_run, from_study, force):
     """Merge, gate and register the winning adapter.
 
     Merges into the full-precision base, evaluates against the base (and the current champion) and
@@ -142,7 +139,8 @@ def register(cfg, from_run, from_study, force):
     """
     from loraflow import registry
 
-    registry.run(cfg, from_run=from_run, from_study=from_study, force=force)
+    result = registry.run(cfg, store=store, from_run=from_run, from_study=from_study, force=force)
+    click.echo(result.message)
 
 
 @cli.command()
@@ -150,7 +148,9 @@ def register(cfg, from_run, from_study, force):
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5001, show_default=True, type=int)
 @click.option("--model-uri", default=None, help="Default: models:/<registry.model_name>@<registry.alias>.")
-def serve(cfg, host, port, model_uri):
+@click.option("--workers", default=1, show_default=True, type=int, help="Server worker processes (each loads the model).")
+@click.option("--timeout", default=None, type=int, help="Seconds a request may take (default: MLflow's, 60).")
+def serve(cfg, store, host, port, model_uri, workers, timeout):
     """Serve the registered model over REST.
 
     Runs `mlflow models serve` on models:/NAME@champion. Example request:
@@ -161,14 +161,14 @@ def serve(cfg, host, port, model_uri):
     """
     from loraflow import serving
 
-    serving.run(cfg, host=host, port=port, model_uri=model_uri)
+    serving.run(cfg, store, host=host, port=port, model_uri=model_uri, workers=workers, timeout=timeout)
 
 
 @cli.command()
 @project_options
 @click.option("--serve-check/--no-serve-check", default=False,
               help="At the end, start the server once and print one REST prediction.")
-def pipeline(cfg, serve_check):
+def pipeline(cfg, store, serve_check):
     """Run every stage: prepare to register.
 
     prepare -> train (or tune, when tune.enabled) -> evaluate -> register, each a nested run under
@@ -176,27 +176,60 @@ def pipeline(cfg, serve_check):
     """
     from loraflow import pipeline as pipeline_stage
 
-    pipeline_stage.run(cfg, serve_check=serve_check)
+    result = pipeline_stage.run(cfg, store=store, serve_check=serve_check)
+    click.echo(pipeline_stage.summary_text(cfg, store, result))
+
+
+class Terminated(KeyboardInterrupt):
+    exit_code = 143
+
+
+def terminated(signum, frame):
+    raise Terminated("terminated by SIGTERM")
+
+
+@cli.command("config")
+@click.argument("project")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a value first (repeatable).")
+def show_config(project, overrides):
+    """Print the resolved config: every key, its value, default and meaning.
+
+    Values that differ from the default are marked with `*`.
+    """
+    from loraflow.config import describe_text, load_config
+
+    click.echo(describe_text(load_config(project, overrides)))
+
+
+QUIET_ENVIRONMENT = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                     "TOKENIZERS_PARALLELISM": "false"}
 
 
 def main(argv=None):
-    """Entry point: run the group; user errors become one `error:` line and exit code 2."""
+    """Entry point: run the group; user errors become one `error:` line and exit code 2.
+
+    An interrupted training run exits 128 + the signal (143 for SIGTERM, 130 for SIGINT).
+    """
+    for name, value in QUIET_ENVIRONMENT.items():  # no telemetry from MLflow or the HF libraries
+        os.environ.setdefault(name, value)
+    signal.signal(signal.SIGTERM, terminated)  # a scheduler's SIGTERM ends the stage's run KILLED, like Ctrl+C
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         cli.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as exc:  # click turns KeyboardInterrupt into Abort; keep the cause's word
+        cause = exc.__context__
+        click.echo(f"error: {cause or 'interrupted'}", err=True)
+        sys.exit(getattr(cause, "exit_code", 130))
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except LoraflowError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        click.echo(f"error: {exc or 'interrupted'}", err=True)
+        sys.exit(getattr(exc, "exit_code", 130))
     except Exception as exc:  # an unexpected failure: still one line, the traceback only on request
         if os.environ.get("LORAFLOW_DEBUG"):
             traceback.print_exc()

@@ -3,12 +3,12 @@
     loraflow evaluate quickstart                          # the project's latest finished training run
     loraflow evaluate quickstart --run-id RUN_ID          # or --model-uri models:/quickstart@champion, --adapter DIR
     result = evaluate.run(cfg, run_id=RUN_ID)             # EvalResult(run_id, summary, details)
-    texts = evaluate.generate(model, tokenizer, ["Describe: a red mug"], cfg)
 
 The tuned model is a training run's adapter over the base (the base is loaded once and answers with
 the adapter disabled), a registered model's merged folder, a local adapter folder, or a local merged
 folder. Both answer the test split's prompts with the same decoding; `eval.metrics` score them per
-seed of `eval.seeds`, and a paired bootstrap gives a 95% interval for each tuned - base difference.
+seed of `eval.seeds`, and a paired bootstrap over items (each with all its seeds) gives a 95% interval
+for each tuned - base difference, computed with the same statistic as the difference itself.
 Greedy decoding (eval.temperature = 0) is deterministic, so it generates once and that result
 stands for every seed (the stds are then 0). Validation loss and perplexity are teacher-forced.
 """
@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 
-from loraflow import LoraflowError, data, metrics, models, tracking
+from loraflow import LoraflowError, data, generation, metrics, models, say, tracking, warn
 from loraflow.config import Config
+from loraflow.tracking import Tags, role_key
 
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 ROLES = ("base", "tuned")
 
 
@@ -46,112 +45,10 @@ class TunedModel:
     description: str = ""
 
 
-# --- generation -----------------------------------------------------------------------------------
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """eos ids of the generation config and tokenizer plus any end-of-turn token the vocabulary has."""
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-    ids.append(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
-    return sorted({int(i) for i in ids if i is not None})
-
-
-def generation_settings(model, tokenizer, cfg: Config) -> dict:
-    """model.generate keywords: greedy when eval.temperature == 0, else nucleus sampling."""
-    settings = {"max_new_tokens": cfg.eval.max_new_tokens, "repetition_penalty": cfg.eval.repetition_penalty,
-                "eos_token_id": stop_token_ids(model, tokenizer), "pad_token_id": tokenizer.pad_token_id}
-    if cfg.eval.temperature > 0:
-        return {**settings, "do_sample": True, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p}
-    return {**settings, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-
-
-def encode_prompts(tokenizer, prompts: list[str], cfg: Config) -> list[list[int]]:
-    """Token ids per prompt, exactly as in training (seq2seq inputs truncated to data.max_length there too)."""
-    if cfg.model.kind == "seq2seq":
-        texts = [data.format_prompt(tokenizer, p, cfg) for p in prompts]
-        return tokenizer(texts, truncation=True, max_length=cfg.data.max_length)["input_ids"]
-    return [data.prompt_token_ids(tokenizer, p, cfg) for p in prompts]
-
-
-def pad_batch(sequences: list[list[int]], pad_id: int, left: bool):
-    """(input_ids, attention_mask) tensors, padded on the left for causal models."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        start = width - len(sequence) if left else 0
-        ids[row, start:start + len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, start:start + len(sequence)] = 1
-    return ids, mask
-
-
-def generate(model, tokenizer, prompts: list[str], cfg: Config, *, seed: int | None = None) -> list[str]:
-    """Answers to raw prompts (formatted here with data.format_prompt), in the order given.
-
-    Prompts are sorted by length into batches of eval.batch_size; causal batches are left-padded
-    with an attention mask, so greedy answers equal one-prompt-at-a-time generation. Only new
-    tokens are decoded (seq2seq models output only new tokens). `seed` seeds sampling.
-    """
-    import torch
-    import transformers
-    from tqdm.auto import tqdm
-
-    encoded = encode_prompts(tokenizer, prompts, cfg)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    size = cfg.eval.batch_size
-    batches = [order[start:start + size] for start in range(0, len(order), size)]
-    settings = generation_settings(model, tokenizer, cfg)
-    causal = cfg.model.kind == "causal"
-    if seed is not None:
-        transformers.set_seed(seed)
-    answers = [""] * len(prompts)
-    for batch in tqdm(batches, desc="generating", unit="batch", leave=False):
-        input_ids, attention_mask = pad_batch([encoded[i] for i in batch], tokenizer.pad_token_id, left=causal)
-        with torch.inference_mode():
-            output = model.generate(input_ids=input_ids.to(model.device),
-                                    attention_mask=attention_mask.to(model.device), **settings)
-        new_tokens = output[:, input_ids.shape[1]:] if causal else output
-        for index, tokens in zip(batch, new_tokens):
-            answers[index] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return answers
-
-
-def validation_loss(model, tokenizer, rows: list[dict], cfg: Config) -> float:
-    """Teacher-forced mean loss per target token, labels masked as in training."""
-    import torch
-    from transformers import DataCollatorForSeq2Seq
-
-    examples = data.training_examples(rows, tokenizer, cfg)
-    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX)
-    total, count = 0.0, 0
-    for start in range(0, len(examples), cfg.eval.batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(examples[start:start + cfg.eval.batch_size]).items()}
-        with torch.inference_mode():
-            loss = model(**batch).loss
-        labels = batch["labels"] if cfg.model.kind == "seq2seq" else batch["labels"][:, 1:]
-        tokens = int((labels != data.IGNORE_INDEX).sum())
-        total, count = total + float(loss) * tokens, count + tokens
-    return total / count if count else float("nan")
-
-
 # --- inputs -------------------------------------------------------------------------------------
 
-def check_settings(cfg: Config) -> list[str]:
-    """The metric names to compute; LoraflowError on unknown metrics or unusable settings."""
-    unknown = metrics.unknown_metrics(list(cfg.eval.metrics))
-    if unknown:
-        raise LoraflowError(f"unknown metric {unknown[0]!r} in eval.metrics (known: {', '.join(metrics.METRIC_NAMES)})")
-    if cfg.eval.bootstrap_samples < 1:
-        raise LoraflowError(f"eval.bootstrap_samples: must be >= 1, got {cfg.eval.bootstrap_samples}")
-    if "bertscore" in cfg.eval.metrics:
-        try:
-            metrics.bertscore_model_path(cfg.eval.bertscore_model)
-        except ValueError as exc:
-            raise LoraflowError(str(exc)) from None
+def metric_names(cfg: Config) -> list[str]:
+    """The metrics to compute (config validation has checked them); none for raw-text projects."""
     return [] if cfg.train.objective == "cpt" else list(dict.fromkeys(cfg.eval.metrics))
 
 
@@ -167,20 +64,13 @@ def held_out_rows(cfg: Config, prepared: data.PreparedData) -> tuple[list[dict],
     return prepared.splits["test"][:cfg.eval.num_samples], validation
 
 
-def latest_training_run(cfg: Config) -> str:
-    """The latest FINISHED run tagged loraflow.stage=train in the current experiment."""
-    from mlflow.tracking import fluent
-
-    if tracking.experiment_chosen():
-        experiment_id = fluent._get_experiment_id()
-    else:
-        experiment = mlflow.get_experiment_by_name(cfg.name)
-        experiment_id = experiment.experiment_id if experiment else None
-    runs = mlflow.MlflowClient().search_runs(
-        [experiment_id], "tags.`loraflow.stage` = 'train' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1) if experiment_id else []
+def latest_training_run(cfg: Config, store: tracking.Store) -> str:
+    """The latest FINISHED training run of this project and training config (never a tune trial)."""
+    runs = tracking.find_runs(store, stage="train", status="FINISHED", project=cfg.name, trials=False,
+                              tags={tracking.Tags.TRAINING_HASH: tracking.training_hash(cfg)}, max_results=1)
     if not runs:
-        raise LoraflowError(f"no finished training run of '{cfg.name}' to evaluate: train first or pass --run-id")
+        raise LoraflowError(f"no finished training run of '{cfg.name}' with this training config to evaluate: "
+                            "train first or pass --run-id")
     return runs[0].info.run_id
 
 
@@ -209,17 +99,17 @@ def model_version_run_id(model_uri: str) -> str | None:
             version = client.get_model_version(*reference.rsplit("/", 1))
     except (mlflow.exceptions.MlflowException, TypeError):
         return None
-    return version.tags.get("loraflow.source_run_id") or version.run_id or None
+    return version.tags.get(tracking.Tags.SOURCE_RUN_ID) or version.run_id or None
 
 
-def resolve_tuned(cfg: Config, run_id, model_uri, adapter_dir, model_dir) -> TunedModel:
+def resolve_tuned(cfg: Config, store: tracking.Store, run_id, model_uri, adapter_dir, model_dir) -> TunedModel:
     """Find (and download) the tuned model; `run_id` may accompany any source to name the run it judges."""
     given = [name for name, value in (("--model-uri", model_uri), ("--adapter", adapter_dir),
                                       ("model_dir", model_dir)) if value]
     if len(given) > 1:
         raise LoraflowError(f"give only one of {', '.join(given)}")
     if run_id:
-        mlflow_run(run_id)
+        tracking.get_run(run_id, store)
     if model_dir:
         if not (Path(model_dir) / "config.json").is_file():
             raise LoraflowError(f"no merged model in {model_dir} (config.json missing)")
@@ -231,22 +121,16 @@ def resolve_tuned(cfg: Config, run_id, model_uri, adapter_dir, model_dir) -> Tun
     if model_uri:
         return TunedModel(model_dir=download_model_uri(model_uri), description=model_uri,
                           train_run_id=run_id or model_version_run_id(model_uri))
-    run_id = run_id or latest_training_run(cfg)
+    run_id = run_id or latest_training_run(cfg, store)
     return TunedModel(adapter_dir=tracking.download_run_artifacts(run_id, "adapter"), train_run_id=run_id,
                       description=f"run {run_id}")
 
 
-def mlflow_run(run_id: str):
-    try:
-        return mlflow.MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise LoraflowError(f"unknown run id '{run_id}' in {mlflow.get_tracking_uri()}") from None
-
-
-def warn_if_inputs_differ(cfg: Config, run_id: str, digest: str) -> None:
+def warn_if_inputs_differ(cfg: Config, store: tracking.Store, run_id: str, digest: str) -> None:
     """Warn when the judged run was trained on other data (its config/resolved.yaml) or another base."""
-    tags = mlflow_run(run_id).data.tags
-    trained_on, base = tags.get("loraflow.data_digest", digest), tags.get("loraflow.base_model", cfg.model.name)
+    tags = tracking.get_run(run_id, store).data.tags
+    trained_on = tags.get(tracking.Tags.DATA_DIGEST, digest)
+    base = tags.get(tracking.Tags.BASE_MODEL, cfg.model.name)
     problems = []
     if trained_on != digest:
         problems.append(f"was trained on other data (digest {trained_on}, this config gives {digest}); "
@@ -254,7 +138,7 @@ def warn_if_inputs_differ(cfg: Config, run_id: str, digest: str) -> None:
     if base != cfg.model.name:
         problems.append(f"was trained on {base}, but model.name is {cfg.model.name}")
     for problem in problems:
-        print(f"loraflow: warning: run {run_id} {problem}", file=sys.stderr)
+        warn(f"run {run_id} {problem}")
 
 
 # --- base and tuned answers --------------------------------------------------------------------
@@ -288,12 +172,11 @@ def answer_all(cfg: Config, tuned: TunedModel, base_path: str, test_rows, val_ro
     prompts = [row["prompt"] for row in test_rows]
     answers, losses = {}, {}
     for role, model, tokenizer in each_model(cfg, tuned, base_path):
-        print(f"loraflow: evaluating the {role} model" + (f" on {len(prompts)} prompts" if prompts else " (loss only)"),
-              file=sys.stderr)
-        answers[role] = {seed: generate(model, tokenizer, prompts, cfg, seed=seed)
+        say(f"evaluating the {role} model" + (f" on {len(prompts)} prompts" if prompts else " (loss only)"))
+        answers[role] = {seed: generation.generate(model, tokenizer, prompts, cfg, seed=seed)
                          for seed in generation_seeds(cfg)} if prompts else {}
         if val_rows:
-            losses[role] = validation_loss(model, tokenizer, val_rows, cfg)
+            losses[role] = generation.validation_loss(model, tokenizer, val_rows, cfg)
     return answers, losses
 
 
@@ -309,33 +192,52 @@ def score(cfg: Config, names: list[str], answers: list[str], references: list[st
 
 
 def summarise(cfg: Config, names: list[str], test_rows, answers: dict, losses: dict) -> tuple[dict, list[dict]]:
-    """Metric means, stds over seeds and bootstrap intervals of the deltas; one detail row per item and seed."""
+    """Metric means, stds over seeds (ddof=1) and bootstrap intervals of the deltas; a detail row per item and seed.
+
+    The interval resamples items, each carrying all its seeds, and computes each resample with the
+    statistic of the point estimate (the per-item mean; corpus BLEU for sacrebleu).
+    """
     import numpy as np
 
     references = [row["target"] for row in test_rows]
+    seeds = list(answers.get("base", {}))
     per_seed = {role: [] for role in ROLES}
-    pooled = {role: {name: [] for name in names} for role in ROLES}
+    per_item = {role: {name: [] for name in names} for role in ROLES}
     details = []
-    for seed in answers.get("base", {}):
+    for seed in seeds:
         items = {}
         for role in ROLES:
             corpus, items[role] = score(cfg, names, answers[role][seed], references)
             per_seed[role].append(corpus)
             for name in names:
-                pooled[role][name] += items[role][name]
+                per_item[role][name].append(items[role][name])
         details += detail_rows(seed, test_rows, answers, items, names)
     summary = {}
     for name in names:
         values = {role: np.array([scores[name] for scores in per_seed[role]]) for role in ROLES}
         values["delta"] = values["tuned"] - values["base"]
-        for prefix, array in values.items():
-            summary[f"{prefix}/{name}"], summary[f"{prefix}/{name}_std"] = float(array.mean()), float(array.std())
-        low, high = metrics.paired_bootstrap_interval(pooled["base"][name], pooled["tuned"][name],
-                                                      samples=cfg.eval.bootstrap_samples)
-        summary[f"delta/{name}_ci_low"], summary[f"delta/{name}_ci_high"] = low, high
+        interval = delta_interval(cfg, name, per_item, answers, references, seeds)
+        for role, array in values.items():
+            summary[role_key(role, name)] = float(array.mean())
+            summary[role_key(role, name, "_std")] = metrics.std_over_seeds(array)
+        summary[role_key("delta", name)] = interval.point  # the same statistic the interval resamples
+        summary[role_key("delta", name, "_ci_low")] = interval.low
+        summary[role_key("delta", name, "_ci_high")] = interval.high
     for role, loss in losses.items():
-        summary[f"{role}/loss"], summary[f"{role}/perplexity"] = loss, math.exp(min(loss, 50))
+        summary[role_key(role, "loss")], summary[role_key(role, "perplexity")] = loss, math.exp(min(loss, 50))
     return summary, details
+
+
+def delta_interval(cfg: Config, name: str, per_item: dict, answers: dict, references: list[str], seeds: list):
+    """metrics.DeltaInterval of tuned - base for one metric: items x seeds resampled by item."""
+    import numpy as np
+
+    if name == "sacrebleu":
+        return metrics.corpus_bleu_delta_interval([answers["base"][s] for s in seeds],
+                                                  [answers["tuned"][s] for s in seeds], references,
+                                                  samples=cfg.eval.bootstrap_samples)
+    return metrics.mean_delta_interval(np.column_stack(per_item["base"][name]),
+                                       np.column_stack(per_item["tuned"][name]), samples=cfg.eval.bootstrap_samples)
 
 
 def detail_rows(seed: int, test_rows, answers: dict, items: dict, names: list[str]) -> list[dict]:
@@ -355,8 +257,8 @@ def plot_metrics(summary: dict, names: list[str], title: str):
     panels = names + (["loss"] if "base/loss" in summary else [])
     figure, axes = plt.subplots(1, len(panels), figsize=(1.2 + 2.3 * len(panels), 3.4), squeeze=False)
     for axis, name in zip(axes[0], panels):
-        axis.bar(ROLES, [summary[f"{role}/{name}"] for role in ROLES], color=["#9e9e9e", "#2e7d32"],
-                 yerr=[summary.get(f"{role}/{name}_std", 0.0) for role in ROLES], capsize=4)
+        axis.bar(ROLES, [summary[role_key(role, name)] for role in ROLES], color=["#9e9e9e", "#2e7d32"],
+                 yerr=[summary.get(role_key(role, name, "_std"), 0.0) for role in ROLES], capsize=4)
         axis.set_title(name)
         axis.grid(axis="y", alpha=0.3)
     figure.suptitle(title)
@@ -379,30 +281,45 @@ def log_results(cfg: Config, names: list[str], summary: dict, details: list[dict
         tracking.log_figure_png(plot_metrics(summary, names, f"{cfg.name}: base vs tuned"), "plots/eval_metrics.png")
 
 
-def link_training_run(train_run_id: str, evaluation_run_id: str, summary: dict) -> None:
+def link_training_run(store: tracking.Store, train_run_id: str, evaluation_run_id: str, summary: dict) -> None:
     """Tag the judged run with this evaluation and copy the headline deltas onto it."""
-    client = mlflow.MlflowClient()
-    client.set_tag(train_run_id, "loraflow.latest_evaluation_run_id", evaluation_run_id)
-    for key, value in summary.items():
-        if key.startswith("delta/") and not key.endswith(("_std", "_ci_low", "_ci_high")):
+    client = store.client()
+    client.set_tag(train_run_id, tracking.Tags.LATEST_EVALUATION_RUN_ID, evaluation_run_id)
+    for key, value in tracking.evaluation_means(summary).items():
+        if key.startswith("delta/"):
             client.log_metric(train_run_id, key, value)
 
 
-def run(cfg: Config, *, run_id: str | None = None, model_uri: str | None = None, adapter_dir=None,
-        model_dir=None, nested: bool = False, tags: dict | None = None) -> EvalResult:
-    """Evaluate base vs tuned in an MLflow run (see the module docstring for what "tuned" can be)."""
-    names = check_settings(cfg)
-    prepared = data.prepare(cfg)
+def summary_line(summary: dict) -> str:
+    """`rougeL=+0.1200 [+0.0500, +0.1900], base/loss=2.1000, tuned/loss=1.4000` for the terminal."""
+    deltas = [f"{name}={summary[role_key('delta', name)]:+.4f} [{summary[role_key('delta', name, '_ci_low')]:+.4f}, "
+              f"{summary[role_key('delta', name, '_ci_high')]:+.4f}]" for name in tracking.evaluated_metrics(summary)
+              if role_key("delta", name, "_ci_low") in summary]
+    losses = [f"{key}={summary[key]:.4f}" for key in ("base/loss", "tuned/loss") if key in summary]
+    return ", ".join(deltas + losses)
+
+
+def run(cfg: Config, *, store: tracking.Store | None = None, run_id: str | None = None, model_uri: str | None = None,
+        adapter_dir=None, model_dir=None, parent_run_id: str | None = None, tags: dict | None = None,
+        prepared: data.PreparedData | None = None, base_path: str | None = None) -> EvalResult:
+    """Evaluate base vs tuned in an MLflow run (see the module docstring for what "tuned" can be).
+
+    `prepared` and `base_path` let the pipeline pass on the data and model it already has.
+    """
+    store = store or tracking.connect(cfg=cfg)
+    names = metric_names(cfg)
+    prepared = prepared or data.prepare(cfg)
     test_rows, val_rows = held_out_rows(cfg, prepared)
-    tuned = resolve_tuned(cfg, run_id, model_uri, adapter_dir, model_dir)
+    tuned = resolve_tuned(cfg, store, run_id, model_uri, adapter_dir, model_dir)
     if tuned.train_run_id:
-        warn_if_inputs_differ(cfg, tuned.train_run_id, prepared.digest)
-    base_path = models.resolve_model_path(cfg.model.name, cfg)
-    run_tags = {"loraflow.data_digest": prepared.digest, "loraflow.tuned_model": tuned.description[:500],
-                **({"loraflow.evaluated_run_id": tuned.train_run_id} if tuned.train_run_id else {}), **(tags or {})}
-    with tracking.stage_run(cfg, "evaluate", nested=nested, tags=run_tags) as active:
+        warn_if_inputs_differ(cfg, store, tuned.train_run_id, prepared.digest)
+    base_path = base_path or models.resolve_model_path(cfg.model.name, cfg)
+    run_tags = {Tags.DATA_DIGEST: prepared.digest, Tags.TUNED_MODEL: tuned.description[:500],
+                **({Tags.EVALUATED_RUN_ID: tuned.train_run_id} if tuned.train_run_id else {}), **(tags or {})}
+    with tracking.stage_run(cfg, "evaluate", store, parent_run_id=parent_run_id, tags=run_tags) as active:
         mlflow.log_params(tracking.flat_params(cfg))
         tracking.log_config(cfg)
+        data.log_split_input(cfg, prepared, "test")
         answers, losses = answer_all(cfg, tuned, base_path, test_rows, val_rows)
         summary, details = summarise(cfg, names, test_rows, answers, losses)
         counts = {"items": len(test_rows), "validation_rows": len(val_rows), "seeds": list(cfg.eval.seeds),
@@ -410,5 +327,5 @@ def run(cfg: Config, *, run_id: str | None = None, model_uri: str | None = None,
                   "tuned_model": tuned.description, "evaluated_run_id": tuned.train_run_id}
         log_results(cfg, names, summary, details, counts)
         if tuned.train_run_id:
-            link_training_run(tuned.train_run_id, active.info.run_id, summary)
+            link_training_run(store, tuned.train_run_id, active.info.run_id, summary)
     return EvalResult(run_id=active.info.run_id, summary=summary, details=details)

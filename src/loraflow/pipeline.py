@@ -18,15 +18,16 @@ import hashlib
 import json
 import os
 import socket
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 
-from loraflow import LoraflowError, data, tracking
+import loraflow
+from loraflow import LoraflowError, data, models, tracking
 from loraflow.config import Config
+from loraflow.tracking import Tags
 
 STEP_SECTIONS = {
     "prepare": ("data",),
@@ -59,10 +60,13 @@ class PipelineResult:
 
 @dataclass
 class Context:
-    """What every step needs: the config, the prepared data, the parent run's experiment and a label."""
+    """What every step needs: the config, the data prepared once, the base model resolved once, the
+    store, the parent run and a label."""
     cfg: Config
     prepared: data.PreparedData
-    experiment_id: str
+    base_path: str
+    store: tracking.Store
+    parent_run_id: str
     label: str
     code_version: str
 
@@ -78,36 +82,35 @@ def step_key(ctx: Context, stage: str, upstream: str = "") -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def finished_step(experiment_id: str, stage: str, key: str):
+def finished_step(store: tracking.Store, stage: str, key: str):
     """The latest FINISHED run of `stage` tagged with `key` in the experiment, or None."""
-    runs = mlflow.MlflowClient().search_runs(
-        [experiment_id], f"tags.`loraflow.step_key` = '{key}' and tags.`loraflow.stage` = '{stage}' "
-        "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+    runs = tracking.find_runs(store, stage=stage, status="FINISHED", tags={Tags.STEP_KEY: key}, max_results=1)
     return runs[0] if runs else None
 
 
 def get_or_run(ctx: Context, stage: str, upstream: str, runner, usable=lambda run: True) -> Step:
     """Reuse the finished run of `stage` with the same inputs (if `usable(run)`), else `runner(tags)` -> run id."""
     key = step_key(ctx, stage, upstream)
-    found = finished_step(ctx.experiment_id, stage, key)
+    found = finished_step(ctx.store, stage, key)
     if found is not None and usable(found):
         say(f"{stage}: inputs unchanged, reusing run {found.info.run_id}")
         return Step(stage, found.info.run_id, True, dict(found.data.metrics), dict(found.data.tags))
     say(f"{stage}: running")
-    run_id = runner({"loraflow.step_key": key, "mlflow.runName": f"{ctx.label}/{stage}"})
-    run = mlflow.MlflowClient().get_run(run_id)
+    run_id = runner({Tags.STEP_KEY: key, Tags.RUN_NAME: f"{ctx.label}/{stage}"})
+    run = tracking.get_run(run_id, ctx.store)
     return Step(stage, run_id, False, dict(run.data.metrics), dict(run.data.tags))
 
 
 def say(message: str) -> None:
-    print(f"loraflow: pipeline: {message}", file=sys.stderr)
+    loraflow.say(f"pipeline: {message}")
 
 
 # --- the steps ------------------------------------------------------------------------------------
 
 def prepare_step(ctx: Context) -> Step:
     def runner(tags):
-        with tracking.stage_run(ctx.cfg, "prepare", nested=True, tags=tags) as active:
+        with tracking.stage_run(ctx.cfg, "prepare", ctx.store, parent_run_id=ctx.parent_run_id, tags=tags) as active:
+            mlflow.log_params(tracking.flat_params(ctx.cfg))
             data.log_prepared(ctx.cfg, ctx.prepared)
         return active.info.run_id
     return get_or_run(ctx, "prepare", "", runner)
@@ -116,22 +119,21 @@ def prepare_step(ctx: Context) -> Step:
 def train_step(ctx: Context) -> Step:
     from loraflow import train
 
-    return get_or_run(ctx, "train", "", lambda tags: train.run(ctx.cfg, nested=True, tags=tags).run_id)
+    return get_or_run(ctx, "train", "", lambda tags: train.run(
+        ctx.cfg, store=ctx.store, parent_run_id=ctx.parent_run_id, tags=tags, prepared=ctx.prepared,
+        base_path=ctx.base_path).run_id)
 
 
 def tune_step(ctx: Context) -> Step:
     """The Optuna study as one step; its best trial is the training run the next steps judge."""
     from loraflow import tune
 
-    def runner(tags):  # tune.run nests its study run itself; the step tags are set when it is done
-        study_name = ctx.cfg.tune.study_name or f"{ctx.cfg.name}-{tags['loraflow.step_key']}"
-        result = tune.run(ctx.cfg, study_name=study_name)
-        client = mlflow.MlflowClient()
-        for key, value in tags.items():
-            client.set_tag(result.run_id, key, value)
-        return result.run_id
+    def runner(tags):
+        study_name = ctx.cfg.tune.study_name or f"{ctx.cfg.name}-{tags[Tags.STEP_KEY]}"
+        return tune.run(ctx.cfg, store=ctx.store, study_name=study_name, parent_run_id=ctx.parent_run_id,
+                        tags=tags).run_id
     step = get_or_run(ctx, "tune", "", runner)
-    best = step.tags.get("loraflow.best_run_id")
+    best = step.tags.get(Tags.BEST_RUN_ID)
     if not best:
         raise LoraflowError(f"the tuning run {step.run_id} names no best trial (every trial failed?)")
     step.note = f"best trial run {best}"
@@ -143,46 +145,46 @@ def evaluate_step(ctx: Context, trained_run_id: str | None) -> Step:
     from loraflow import evaluate
 
     if trained_run_id is None:
-        base_dir = local_model_folder(ctx.cfg)
+        base_dir = local_model_folder(ctx.base_path)
         return get_or_run(ctx, "evaluate", f"base:{ctx.cfg.model.name}", lambda tags: evaluate.run(
-            ctx.cfg, model_dir=base_dir, nested=True, tags={**tags, "loraflow.zero_shot": "true"}).run_id)
+            ctx.cfg, store=ctx.store, model_dir=base_dir, parent_run_id=ctx.parent_run_id,
+            tags={**tags, Tags.ZERO_SHOT: "true"}, prepared=ctx.prepared, base_path=ctx.base_path).run_id)
     return get_or_run(ctx, "evaluate", trained_run_id, lambda tags: evaluate.run(
-        ctx.cfg, run_id=trained_run_id, nested=True, tags=tags).run_id)
+        ctx.cfg, store=ctx.store, run_id=trained_run_id, parent_run_id=ctx.parent_run_id, tags=tags,
+        prepared=ctx.prepared, base_path=ctx.base_path).run_id)
 
 
 def register_step(ctx: Context, trained_run_id: str) -> Step:
     from loraflow import registry
 
     step = get_or_run(ctx, "register", trained_run_id, lambda tags: registry.run(
-        ctx.cfg, from_run=trained_run_id, nested=True, tags=tags).run_id, usable=lambda run: version_exists(
-        ctx.cfg, run.data.tags.get("loraflow.registered_version")))
-    version = step.tags.get("loraflow.registered_version")
+        ctx.cfg, store=ctx.store, from_run=trained_run_id, parent_run_id=ctx.parent_run_id, tags=tags,
+        prepared=ctx.prepared, base_path=ctx.base_path).run_id,
+        usable=lambda run: version_exists(ctx, run.data.tags.get(Tags.REGISTERED_VERSION)))
+    version = step.tags.get(Tags.REGISTERED_VERSION)
     if not version:
-        step.note = f"not registered: {step.tags.get('loraflow.gate_reason', 'the gate refused')}"
+        step.note = f"not registered: {step.tags.get(Tags.GATE_REASON, 'the gate refused')}"
         return step
-    champion = registry.current_champion(ctx.cfg)
+    champion = registry.current_champion(ctx.cfg, ctx.store)
     step.note = f"{ctx.cfg.model_name} version {version}" + (
         f" @{ctx.cfg.registry.alias}" if champion and str(champion.version) == version
         else f" (@{ctx.cfg.registry.alias} is version {champion.version})" if champion else "")
     return step
 
 
-def version_exists(cfg: Config, version: str | None) -> bool:
+def version_exists(ctx: Context, version: str | None) -> bool:
     """Whether a reused register step's version is still in the registry (a refused one has none: fine)."""
     if not version:
         return True
     try:
-        mlflow.MlflowClient().get_model_version(cfg.model_name, version)
+        ctx.store.client().get_model_version(ctx.cfg.model_name, version)
         return True
     except mlflow.exceptions.MlflowException:
         return False
 
 
-def local_model_folder(cfg: Config) -> Path:
+def local_model_folder(path: str) -> Path:
     """The base model as a local folder (a hub id is looked up in, or fetched to, the HF cache)."""
-    from loraflow import models
-
-    path = models.resolve_model_path(cfg.model.name, cfg)
     if Path(path).is_dir():
         return Path(path)
     from huggingface_hub import snapshot_download
@@ -201,7 +203,7 @@ def run_steps(ctx: Context) -> list[Step]:
         return steps + [evaluate_step(ctx, None)]
     if ctx.cfg.tune.enabled:
         steps.append(tune_step(ctx))
-        trained_run_id = steps[-1].tags["loraflow.best_run_id"]
+        trained_run_id = steps[-1].tags[Tags.BEST_RUN_ID]
     else:
         steps.append(train_step(ctx))
         trained_run_id = steps[-1].run_id
@@ -222,44 +224,48 @@ def headline_metrics(steps: list[Step]) -> dict:
     """Training cost and loss, and every base/tuned/delta mean of the evaluation (no stds or intervals)."""
     found = {}
     for step in steps:
-        for key, value in step.metrics.items():
-            evaluation = key.split("/")[0] in ("base", "tuned", "delta") and not key.endswith(("_std", "_low", "_high"))
-            if (step.stage in ("train", "tune") and key in HEADLINE) or (step.stage == "evaluate" and evaluation):
-                found[key] = value
+        if step.stage in ("train", "tune"):
+            found.update({key: value for key, value in step.metrics.items() if key in HEADLINE})
+        if step.stage == "evaluate":
+            found.update(tracking.evaluation_means(step.metrics))
     return found
 
 
 def log_on_parent(steps: list[Step], version: str | None) -> None:
     mlflow.log_metrics(headline_metrics(steps))
     for step in steps:
-        mlflow.set_tags({f"loraflow.step.{step.stage}.run_id": step.run_id or "",
-                         f"loraflow.step.{step.stage}.reused": str(step.reused).lower()})
+        mlflow.set_tags({Tags.step(step.stage, "run_id"): step.run_id or "",
+                         Tags.step(step.stage, "reused"): str(step.reused).lower()})
     if version:
-        mlflow.set_tag("loraflow.registered_version", version)
+        mlflow.set_tag(Tags.REGISTERED_VERSION, version)
 
 
 def registered_version(steps: list[Step]) -> str | None:
     register = next((s for s in steps if s.stage == "register"), None)
-    return register.tags.get("loraflow.registered_version") if register else None
+    return register.tags.get(Tags.REGISTERED_VERSION) if register else None
 
 
-def run(cfg: Config, *, serve_check: bool = False) -> PipelineResult:
-    """Run (or reuse) every step in one parent run, print a summary; optionally one REST prediction."""
+def run(cfg: Config, *, store: tracking.Store | None = None, serve_check: bool = False) -> PipelineResult:
+    """Run (or reuse) every step in one parent run; optionally one REST prediction from the champion.
+
+    The data is prepared and the base model resolved once, here, and handed to every step.
+    """
+    store = store or tracking.connect(cfg=cfg)
     prepared = data.prepare(cfg)
+    base_path = models.resolve_model_path(cfg.model.name, cfg)
     label = variant_label(cfg)
-    with tracking.stage_run(cfg, "pipeline", run_name=f"{label}/pipeline",
-                            tags={"loraflow.data_digest": prepared.digest}) as parent:
+    with tracking.stage_run(cfg, "pipeline", store, run_name=f"{label}/pipeline",
+                            tags={Tags.DATA_DIGEST: prepared.digest}) as parent:
+        mlflow.log_params(tracking.flat_params(cfg))
         tracking.log_config(cfg)
-        ctx = Context(cfg, prepared, parent.info.experiment_id, label, tracking.git_sha())
+        ctx = Context(cfg, prepared, base_path, store, parent.info.run_id, label, tracking.git_sha())
         steps = run_steps(ctx)
         version = registered_version(steps)
         log_on_parent(steps, version)
-        prediction = check_serving(cfg, prepared) if serve_check else None
+        prediction = check_serving(cfg, store, prepared) if serve_check else None
         if prediction is not None:
             mlflow.log_dict({"prompt": first_prompt(prepared), "prediction": prediction}, "serve_check/prediction.json")
-    result = PipelineResult(parent.info.run_id, steps, version, prediction)
-    print(summary_text(cfg, result))
-    return result
+    return PipelineResult(parent.info.run_id, steps, version, prediction)
 
 
 def first_prompt(prepared: data.PreparedData) -> str:
@@ -276,18 +282,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def check_serving(cfg: Config, prepared: data.PreparedData) -> str | None:
+def check_serving(cfg: Config, store: tracking.Store, prepared: data.PreparedData) -> str | None:
     """Start `mlflow models serve` with the champion on a free port, ask one prompt, stop the server."""
     from loraflow import registry, serving
 
-    if registry.current_champion(cfg) is None:
+    if registry.current_champion(cfg, store) is None:
         say(f"serve check skipped: no {cfg.model_name}@{cfg.registry.alias} to serve")
         return None
     model_uri, port = serving.default_model_uri(cfg), free_port()
     url = f"http://127.0.0.1:{port}"
     say(f"serve check: starting `mlflow models serve -m {model_uri}` on {url}")
     log = tempfile.NamedTemporaryFile(prefix="loraflow-serve-", suffix=".log", delete=False)
-    process = serving.start_server(model_uri, port=port, stdout=log, stderr=log)
+    process = serving.start_server(model_uri, store, port=port, stdout=log, stderr=log)
     try:
         serving.wait_until_ready(url, timeout=300, process=process)
         [answer] = serving.predict_over_http(url, [first_prompt(prepared)],
@@ -303,7 +309,7 @@ def check_serving(cfg: Config, prepared: data.PreparedData) -> str | None:
 
 def metric_lines(metrics: dict) -> list[str]:
     """`rougeL: base 0.1200 -> tuned 0.1800 (delta +0.0600)` per evaluated metric, then training numbers."""
-    names = sorted({key.split("/", 1)[1] for key in metrics if key.startswith("tuned/")})
+    names = tracking.evaluated_metrics(metrics)
     lines = [f"  {name}: base {metrics.get(f'base/{name}', float('nan')):.4f} -> tuned {metrics[f'tuned/{name}']:.4f}"
              + (f" (delta {metrics[f'delta/{name}']:+.4f})" if f"delta/{name}" in metrics else "") for name in names]
     training = [f"{key}={metrics[key]:.4g}" for key in HEADLINE if key in metrics]
@@ -321,7 +327,7 @@ def project_argument(cfg: Config) -> str:
     return relative if not relative.startswith("..") else str(source)
 
 
-def summary_text(cfg: Config, result: PipelineResult) -> str:
+def summary_text(cfg: Config, store: tracking.Store, result: PipelineResult) -> str:
     """What ran, what was reused, the headline numbers, the version, and how to look at it all."""
     lines = [f"pipeline {variant_label(cfg)}: parent run {result.run_id}"]
     for step in result.steps:
@@ -333,7 +339,7 @@ def summary_text(cfg: Config, result: PipelineResult) -> str:
                      f"@{cfg.registry.alias} with: loraflow serve {project_argument(cfg)}")
     if result.prediction is not None:
         lines.append(f"  REST prediction: {result.prediction!r}")
-    uri = mlflow.get_tracking_uri()
+    uri = tracking.redact(store.uri)
     lines.append(f"  open the MLflow UI: mlflow ui --backend-store-uri {uri}" if not uri.startswith("http")
                  else f"  open the MLflow UI: {uri}")
     return "\n".join(lines)

@@ -1,8 +1,12 @@
-"""MLflow plumbing shared by every stage: tracking URI, experiments, runs, lineage tags, artifacts.
+"""The run contract: tag names, metric keys, the store and experiment, finding runs, lineage, artifacts.
 
-    uri = tracking.use_tracking(cli_uri)           # --tracking-uri, MLFLOW_TRACKING_URI, or local default
-    with tracking.stage_run(cfg, "train") as run:  # FAILED on error, KILLED on interrupt or prune
+    store = tracking.connect("sqlite:///mlflow.db", experiment="quickstart")   # or from the environment
+    with tracking.stage_run(cfg, "train", store) as run:      # FAILED on error, KILLED on interrupt/prune
         ...
+    runs = tracking.find_runs(store, stage="train", status="FINISHED", config_hash=cfg.config_hash())
+
+Every `loraflow.*` tag is a constant of `Tags`, every metric key is built by the helpers below, and
+every search for runs goes through `find_runs`: stages never spell a tag or parse a key themselves.
 """
 from __future__ import annotations
 
@@ -10,8 +14,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import subprocess
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -20,40 +28,162 @@ import yaml
 from loraflow import LoraflowError
 from loraflow.config import REPO_ROOT, Config, to_yaml
 
-LOCAL_CONFIG = REPO_ROOT / "mlruns_config" / "local.yaml"
+
+class Tags:
+    """The `loraflow.*` run tags (and the gate's model-version tags): one home for every name."""
+    STAGE = "loraflow.stage"
+    PROJECT = "loraflow.project"
+    GIT_SHA = "loraflow.git_sha"
+    CONFIG_HASH = "loraflow.config_hash"
+    TRAINING_HASH = "loraflow.training_hash"  # of the sections that decide a trained adapter
+    DATA_DIGEST = "loraflow.data_digest"
+    DATA_SOURCE = "loraflow.data_source"
+    BASE_MODEL = "loraflow.base_model"
+    BASE_MODEL_PATH = "loraflow.base_model_path"
+    OUTPUT_DIR = "loraflow.output_dir"
+    ERROR = "loraflow.error"
+    HEARTBEAT = "loraflow.heartbeat"  # unix time, refreshed while the stage's process lives
+    HOST = "loraflow.host"
+    PID = "loraflow.pid"
+    STEP_KEY = "loraflow.step_key"
+    # tune
+    STUDY = "loraflow.study"
+    STUDY_RUN_ID = "loraflow.study_run_id"
+    TRIAL_NUMBER = "loraflow.trial_number"
+    TRIAL_STATE = "loraflow.trial_state"
+    OPTUNA_STORAGE = "loraflow.optuna_storage"
+    OBJECTIVE = "loraflow.objective"
+    BEST_RUN_ID = "loraflow.best_run_id"
+    BEST_TRIAL = "loraflow.best_trial"
+    # evaluate
+    EVALUATED_RUN_ID = "loraflow.evaluated_run_id"
+    LATEST_EVALUATION_RUN_ID = "loraflow.latest_evaluation_run_id"
+    TUNED_MODEL = "loraflow.tuned_model"
+    ZERO_SHOT = "loraflow.zero_shot"
+    GATE_FOR_RUN_ID = "loraflow.gate_for_run_id"
+    # register (run tags, then model-version tags)
+    SOURCE_RUN_ID = "loraflow.source_run_id"
+    REGISTER_RUN_ID = "loraflow.register_run_id"
+    REGISTERED_VERSION = "loraflow.registered_version"
+    GATE = "loraflow.gate"
+    GATE_REASON = "loraflow.gate_reason"
+    GATE_METRIC = "gate.metric"
+    GATE_FORCED = "gate.forced"
+    GATE_MIN_IMPROVEMENT = "gate.min_improvement"
+    GATE_IMPROVEMENT = "gate.improvement"
+    GATE_TUNED_SCORE = "gate.tuned_score"
+    GATE_BASE_SCORE = "gate.base_score"
+    GATE_DELTA_LOW = "gate.delta_low"
+    GATE_DELTA_HIGH = "gate.delta_high"
+    # MLflow's own
+    PARENT_RUN_ID = "mlflow.parentRunId"
+    RUN_NAME = "mlflow.runName"
+
+    @staticmethod
+    def step(stage: str, field: str) -> str:
+        """The pipeline parent's tag for one step: `loraflow.step.train.run_id`, `...reused`."""
+        return f"loraflow.step.{stage}.{field}"
+
+
+# --- metric keys ---------------------------------------------------------------------------------
+
+TRAIN_LOSS, EVAL_LOSS = "train/loss", "eval/loss"
+ROLES = ("base", "tuned", "delta")
+SUFFIXES = ("_std", "_ci_low", "_ci_high")
+
+
+def role_key(role: str, metric: str, suffix: str = "") -> str:
+    """`tuned/rougeL`, `delta/rougeL_ci_low`: the evaluation's metric keys."""
+    return f"{role}/{metric}{suffix}"
+
+
+def split_role_key(key: str) -> tuple[str, str, str] | None:
+    """("delta", "rougeL", "_ci_low") for `delta/rougeL_ci_low`; None for keys that are not evaluation keys."""
+    role, slash, rest = key.partition("/")
+    if not slash or role not in ROLES:
+        return None
+    for suffix in SUFFIXES:
+        if rest.endswith(suffix):
+            return role, rest.removesuffix(suffix), suffix
+    return role, rest, ""
+
+
+def evaluated_metrics(metrics: dict) -> list[str]:
+    """The metric names an evaluation scored (those with a `tuned/<name>` mean), sorted."""
+    return sorted({parts[1] for key in metrics if (parts := split_role_key(key)) and parts[0] == "tuned"
+                   and not parts[2]})
+
+
+def evaluation_means(metrics: dict) -> dict:
+    """The base/tuned/delta means of an evaluation's metrics, without stds or intervals."""
+    return {key: value for key, value in metrics.items() if (parts := split_role_key(key)) and not parts[2]}
+
+
+# --- the store and the experiment ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Store:
+    """Where runs go: the tracking URI and the experiment every stage of this command uses."""
+    uri: str
+    experiment_id: str
+
+    def client(self) -> mlflow.MlflowClient:
+        return mlflow.MlflowClient(self.uri)
+
+
+def local_config_file() -> Path | None:
+    """mlruns_config/local.yaml in the working folder, else in the checkout loraflow runs from."""
+    for root in (Path.cwd(), REPO_ROOT):
+        if (root / "mlruns_config" / "local.yaml").is_file():
+            return root / "mlruns_config" / "local.yaml"
+    return None
 
 
 def local_defaults() -> dict:
-    """The local tracking set-up of mlruns_config/local.yaml with {cwd} filled in."""
-    raw = yaml.safe_load(LOCAL_CONFIG.read_text()) if LOCAL_CONFIG.is_file() else {}
+    """The local tracking set-up of mlruns_config/local.yaml (built-in defaults without one), {cwd} filled in."""
+    path = local_config_file()
+    raw = (yaml.safe_load(path.read_text()) or {}) if path else {}
     defaults = {"tracking_uri": "sqlite:///{cwd}/.mlruns/mlflow.db", "artifact_root": "{cwd}/.mlruns/artifacts",
-                "optuna_storage": "{cwd}/.mlruns/optuna-journal.log", **(raw or {})}
+                "optuna_storage": "{cwd}/.mlruns/optuna-journal.log", **raw}
     return {key: str(value).replace("{cwd}", str(Path.cwd())) for key, value in defaults.items()}
 
 
-def use_tracking(cli_uri: str | None = None) -> str:
-    """Point MLflow at --tracking-uri, else MLFLOW_TRACKING_URI, else the local default; return the URI."""
-    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_defaults()["tracking_uri"]
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+def connect(uri: str | None = None, experiment: str | None = None, cfg: Config | None = None) -> Store:
+    """Point MLflow at `uri` (else MLFLOW_TRACKING_URI, else the local default) and pick the experiment.
+
+    The experiment is `experiment` if given, else the active run's (a nested stage), else one named by
+    MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME (what `mlflow run` sets), else the project's name
+    (MLflow's Default experiment without a config).
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or local_defaults()["tracking_uri"]
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
         create_store_once(Path(uri.removeprefix("sqlite:///")))
-    return uri
+    active = mlflow.active_run()
+    reap_dead_runs(uri)
+    if experiment:
+        experiment_id = get_or_create_experiment(uri, experiment)
+    elif active is not None:
+        experiment_id = active.info.experiment_id
+    elif os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        experiment_id = os.environ["MLFLOW_EXPERIMENT_ID"]
+    else:
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or (cfg.name if cfg else "Default")
+        experiment_id = get_or_create_experiment(uri, name)
+    return Store(uri, experiment_id)
 
 
 def create_store_once(db: Path) -> None:
     """Open a sqlite store under a file lock, so processes started at once on a new store do not race
     in MLflow's table creation (e.g. several `loraflow tune` workers)."""
-    import fcntl
+    from filelock import FileLock
 
     try:
-        with open(db.parent / f"{db.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            mlflow.MlflowClient().search_experiments(max_results=1)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(db.parent / f"{db.name}.lock")):
+            mlflow.MlflowClient(f"sqlite:///{db}").search_experiments(max_results=1)
     except (OSError, mlflow.exceptions.MlflowException) as exc:
-        raise LoraflowError(f"tracking store sqlite:///{db}: {str(exc).splitlines()[0]}") from None
+        raise LoraflowError(f"tracking store sqlite:///{db}: {first_line(exc)}") from None
 
 
 def artifact_location_for(uri: str, experiment: str) -> str | None:
@@ -61,67 +191,109 @@ def artifact_location_for(uri: str, experiment: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     db = Path(uri.removeprefix("sqlite:///"))
-    root = Path(local_defaults()["artifact_root"]) if uri == local_defaults()["tracking_uri"] else db.parent / "artifacts"
+    defaults = local_defaults()
+    root = Path(defaults["artifact_root"]) if uri == defaults["tracking_uri"] else db.parent / "artifacts"
     return (root / experiment).resolve().as_uri()
 
 
-def use_experiment(name: str) -> str:
-    """Get or create the experiment `name` and make it current; returns its id."""
-    uri = mlflow.get_tracking_uri()
+def get_or_create_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name` in the store at `uri`, created (with a local artifact folder) if new."""
+    client = mlflow.MlflowClient(uri)
     try:
-        experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:
-            try:
-                experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location_for(uri, name))
-            except mlflow.exceptions.MlflowException:
-                experiment = mlflow.get_experiment_by_name(name)  # created meanwhile by another process?
-                if experiment is None:
-                    raise
-                experiment_id = experiment.experiment_id
-        else:
-            experiment_id = experiment.experiment_id
-        mlflow.set_experiment(experiment_id=experiment_id)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location_for(uri, name))
+        except mlflow.exceptions.MlflowException:
+            experiment = client.get_experiment_by_name(name)  # created meanwhile by another process?
+            if experiment is None:
+                raise
+            return experiment.experiment_id
     except mlflow.exceptions.MlflowException as exc:
-        raise LoraflowError(f"tracking store {uri}: {str(exc).splitlines()[0]}") from None
-    return experiment_id
+        raise LoraflowError(f"tracking store {redact(uri)}: {first_line(exc)}") from None
 
 
-def experiment_chosen() -> bool:
-    """Whether an experiment was set (use_experiment, MLFLOW_EXPERIMENT_* variables) in this process."""
-    from mlflow.tracking import fluent
+# --- finding runs --------------------------------------------------------------------------------
 
-    return bool(fluent._active_experiment_id or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-                or os.environ.get("MLFLOW_EXPERIMENT_ID"))
+def find_runs(store: Store, *, stage: str | None = None, status: str | None = None, project: str | None = None,
+              config_hash: str | None = None, data_digest: str | None = None, parent: str | None = None,
+              tags: dict | None = None, trials: bool = True, max_results: int = 1000) -> list:
+    """Runs of the store's experiment matching every given filter, newest first.
 
+    `trials=False` leaves out tune trials (runs with a trial number), which are training runs too.
+    """
+    wanted = {Tags.STAGE: stage, Tags.PROJECT: project, Tags.CONFIG_HASH: config_hash,
+              Tags.DATA_DIGEST: data_digest, Tags.PARENT_RUN_ID: parent, **(tags or {})}
+    clauses = [f"tags.`{key}` = '{value}'" for key, value in wanted.items() if value is not None]
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    runs = store.client().search_runs([store.experiment_id], " and ".join(clauses),
+                                      order_by=["attributes.start_time DESC"], max_results=max_results)
+    return [run for run in runs if trials or Tags.TRIAL_NUMBER not in run.data.tags]
+
+
+def get_run(run_id: str, store: Store | None = None):
+    """The run `run_id`; the one "unknown run id" error when the store has no such run."""
+    client = store.client() if store else mlflow.MlflowClient()
+    try:
+        return client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        uri = store.uri if store else mlflow.get_tracking_uri()
+        raise LoraflowError(f"unknown run id '{run_id}' in {redact(uri)}") from None
+
+
+# --- lineage, params and the stage run -----------------------------------------------------------
 
 def git_sha() -> str:
-    """The commit of the code that runs, with '-dirty' when the work tree has changes; 'unknown' outside git."""
+    """The commit of the code that runs; uncommitted changes to the package add a hash of their diff
+    (`<sha>-dirty-<hash>`), so two different edits never pass for each other. Outside git: `loraflow-<version>`."""
+    from loraflow import __version__
+
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, timeout=10)
     try:
         sha = git("rev-parse", "HEAD")
         if sha.returncode != 0:
-            return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return sha.stdout.strip() + ("-dirty" if dirty else "")
+            return f"loraflow-{__version__}"
+        diff = git("diff", "HEAD", "--", ".").stdout  # the package's own code; docs and data do not count
+        suffix = f"-dirty-{hashlib.sha256(diff).hexdigest()[:8]}" if diff.strip() else ""
+        return sha.stdout.decode().strip() + suffix
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return f"loraflow-{__version__}"
+
+
+TRAINING_SECTIONS = ("model", "data", "lora", "train")
+
+
+def training_hash(cfg: Config) -> str:
+    """A hash of the config sections that decide a trained adapter: evaluate and register look for a run
+    trained with the same ones, whatever their own eval/registry settings."""
+    values = cfg.to_dict()
+    blob = json.dumps({name: values[name] for name in TRAINING_SECTIONS}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def lineage_tags(cfg: Config, stage: str) -> dict:
-    return {"loraflow.stage": stage, "loraflow.project": cfg.name, "loraflow.git_sha": git_sha(),
-            "loraflow.config_hash": cfg.config_hash(), "loraflow.base_model": cfg.model.name}
+    return {Tags.STAGE: stage, Tags.PROJECT: cfg.name, Tags.GIT_SHA: git_sha(), Tags.CONFIG_HASH: cfg.config_hash(),
+            Tags.TRAINING_HASH: training_hash(cfg), Tags.BASE_MODEL: cfg.model.name}
+
+
+def redact(text: str) -> str:
+    """`scheme://user:***@host` for every password inside a URL in `text`."""
+    return re.sub(r"(//[^:/@\s]+):[^@/\s]*@", r"\1:***@", str(text))
 
 
 def flat_params(cfg: Config) -> dict:
-    """Config as MLflow params: dotted keys, lists as JSON."""
+    """Config as MLflow params: dotted keys, lists as JSON, passwords in URLs as ***."""
     params = {}
     for section, values in cfg.to_dict().items():
         if not isinstance(values, dict):
             params[section] = values
             continue
         for key, value in values.items():
-            params[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
+            value = json.dumps(value) if isinstance(value, (list, dict)) else value
+            params[f"{section}.{key}"] = redact(value) if isinstance(value, str) else value
     return params
 
 
@@ -131,26 +303,111 @@ def run_status_for(exc: BaseException) -> str:
     return "FAILED"
 
 
-@contextlib.contextmanager
-def stage_run(cfg: Config, stage: str, *, run_id: str | None = None, nested: bool = False,
-              run_name: str | None = None, tags: dict | None = None):
-    """An MLflow run for one stage, tagged with lineage; ended FAILED (or KILLED) if the body raises."""
-    if not nested and run_id is None and not experiment_chosen():
-        use_experiment(cfg.name)
-    run = mlflow.start_run(run_id=run_id, nested=nested, run_name=run_name,
-                           tags=None if run_id else {**lineage_tags(cfg, stage), **(tags or {})})
+def first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+# --- heartbeats: telling a killed run from a running one ------------------------------------------
+
+def heartbeat_seconds() -> float:
+    return float(os.environ.get("LORAFLOW_HEARTBEAT_SECONDS", "10"))
+
+
+class Heartbeat:
+    """Refreshes the run's heartbeat tag every few seconds from a daemon thread while the stage runs."""
+
+    def __init__(self, run_id: str):
+        import threading
+
+        self.run_id, self.stopped = run_id, threading.Event()
+        self.thread = threading.Thread(target=self.beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
+
+    def beat(self):
+        client = mlflow.MlflowClient()
+        while not self.stopped.wait(heartbeat_seconds()):
+            with contextlib.suppress(Exception):  # a busy store misses one beat, not the run
+                client.set_tag(self.run_id, Tags.HEARTBEAT, f"{time.time():.0f}")
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped.set()
+
+
+def process_alive(pid: int) -> bool:
     try:
-        yield run
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def is_dead(run, now: float) -> bool:
+    """A RUNNING run whose process is gone: on this host, its pid no longer exists; elsewhere, its heartbeat
+    has been silent for LORAFLOW_STALE_SECONDS (default 30 heartbeats)."""
+    tags = run.data.tags
+    if Tags.HEARTBEAT not in tags:
+        return False  # not started by a loraflow that beats: leave it alone
+    if tags.get(Tags.HOST) == socket.gethostname() and tags.get(Tags.PID, "").isdigit():
+        return not process_alive(int(tags[Tags.PID]))
+    stale = float(os.environ.get("LORAFLOW_STALE_SECONDS", 30 * heartbeat_seconds()))
+    return now - float(tags[Tags.HEARTBEAT]) > stale
+
+
+def reap_dead_runs(uri: str) -> list[str]:
+    """Mark RUNNING loraflow runs whose process died (kill -9, out of memory) KILLED; say so; return their ids."""
+    client = mlflow.MlflowClient(uri)
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        running = client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000) \
+            if experiments else []
+    except mlflow.exceptions.MlflowException:
+        return []
+    now, reaped = time.time(), []
+    for run in running:
+        if is_dead(run, now):
+            client.set_tag(run.info.run_id, Tags.ERROR, "its process died without ending the run (killed?)")
+            client.set_terminated(run.info.run_id, "KILLED")
+            reaped.append(run.info.run_id)
+    if reaped:
+        from loraflow import say
+
+        say(f"marked {len(reaped)} run(s) whose process died as KILLED: {', '.join(reaped)}")
+    return reaped
+
+
+@contextlib.contextmanager
+def stage_run(cfg: Config, stage: str, store: Store, *, run_id: str | None = None,
+              parent_run_id: str | None = None, run_name: str | None = None, tags: dict | None = None):
+    """An MLflow run for one stage, tagged with lineage; ended FAILED (or KILLED) if the body raises.
+
+    `run_id` continues an existing run; `parent_run_id` nests a new one (it must be the active run, if any).
+    """
+    nested = mlflow.active_run() is not None
+    if run_id:
+        run = mlflow.start_run(run_id=run_id, nested=nested)
+    else:
+        run = mlflow.start_run(experiment_id=store.experiment_id, parent_run_id=parent_run_id, nested=nested,
+                               run_name=run_name, tags={**lineage_tags(cfg, stage), **(tags or {})})
+    mlflow.set_tags({Tags.HOST: socket.gethostname(), Tags.PID: str(os.getpid()),
+                     Tags.HEARTBEAT: f"{time.time():.0f}"})
+    try:
+        with Heartbeat(run.info.run_id):
+            yield run
     except BaseException as exc:
-        mlflow.set_tag("loraflow.error", str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
+        mlflow.set_tag(Tags.ERROR, redact(first_line(exc))[:500])
         mlflow.end_run(run_status_for(exc))
         raise
     mlflow.end_run("FINISHED")
 
 
 def log_config(cfg: Config) -> None:
-    mlflow.log_text(to_yaml(cfg), "config/resolved.yaml")
-    mlflow.set_tag("loraflow.config_hash", cfg.config_hash())
+    mlflow.log_text(redact(to_yaml(cfg)), "config/resolved.yaml")
+    mlflow.set_tag(Tags.CONFIG_HASH, cfg.config_hash())
 
 
 def log_figure_png(figure, artifact_path: str) -> None:
@@ -163,11 +420,7 @@ def log_figure_png(figure, artifact_path: str) -> None:
 
 def download_run_artifacts(run_id: str, path: str) -> Path:
     """Download `path` of a run to a temporary folder; a clear error if the run or artifact is missing."""
-    client = mlflow.MlflowClient()
-    try:
-        client.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise LoraflowError(f"unknown run id '{run_id}' in {mlflow.get_tracking_uri()}") from None
+    get_run(run_id)
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
                                                         dst_path=tempfile.mkdtemp(prefix="loraflow-")))

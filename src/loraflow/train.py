@@ -1,17 +1,20 @@
 """One LoRA/QLoRA training run (SFT or continued pretraining), tracked in MLflow.
 
     loraflow train quickstart --set train.max_steps=20
-    loraflow train quickstart --resume             # continue the last run from its checkpoint
+    loraflow train quickstart --resume             # continue the interrupted run from its checkpoint
     result = train.run(cfg)                         # TrainResult(run_id, eval_loss, ...)
 
 The Hugging Face Trainer runs the loop; loraflow logs to MLflow itself: params, `train/loss` per
-step, `eval/loss` at intervals, tokens, time, memory and cost, the adapter, and a loss-curve plot.
+step, `eval/loss` at intervals (the same token-weighted estimator as the evaluate stage), the label
+tokens actually trained on, time, memory and cost, the adapter, and a loss-curve plot. SIGTERM or
+Ctrl+C saves a checkpoint and ends the run KILLED; `--resume` continues it in the same run.
 """
 from __future__ import annotations
 
+import json
 import math
 import resource
-import sys
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,11 +23,12 @@ from typing import Callable
 
 import mlflow
 
-from loraflow import LoraflowError, data, models, tracking
+from loraflow import LoraflowError, data, generation, models, say, tracking, warn
 from loraflow.config import Config
+from loraflow.tracking import EVAL_LOSS, TRAIN_LOSS, Tags
 
-METRIC_NAMES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
-                "eval_loss": "eval/loss"}
+TRAINER_METRICS = {"loss": TRAIN_LOSS, "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
+COMPLETE_MARKER = "loraflow_checkpoint.json"  # written after everything else: a checkpoint without it is partial
 
 
 @dataclass
@@ -36,50 +40,118 @@ class TrainResult:
     model: object = None  # the trained PEFT model, for in-process callers
 
 
-class LabelTokenCounter:
-    """A padding collator that also counts the label (non-padding, non-prompt) tokens it batches."""
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGTERM/SIGINT after saving a checkpoint; the run ends KILLED."""
 
-    def __init__(self, tokenizer):
-        from transformers import DataCollatorForSeq2Seq
-
-        self.collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX)
-        self.tokens = 0
-
-    def __call__(self, features):
-        batch = self.collate(features)
-        self.tokens += int((batch["labels"] != data.IGNORE_INDEX).sum())
-        return batch
+    def __init__(self, signum: int, run_id: str):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}: checkpoint saved; continue with "
+                         f"`loraflow train ... --resume --run-id {run_id}`")
+        self.exit_code = 128 + signum
 
 
-def mlflow_callback(on_eval: Callable[[int, float], None] | None):
-    """A TrainerCallback logging Trainer logs as loraflow metrics; `on_eval(step, loss)` can prune."""
+class StopOnSignal:
+    """While active, SIGTERM/SIGINT only set a flag; the training callback saves and stops at the step's end."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            return self
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self.note)
+        return self
+
+    def note(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def loraflow_callback(cfg: Config, tokenizer, eval_rows: list[dict], state: dict, stopper: StopOnSignal,
+                      on_eval: Callable[[int, float], None] | None):
+    """The TrainerCallback that logs, evaluates (token-weighted), counts tokens and honours signals.
+
+    `state` holds {"tokens": label tokens trained on so far, "eval": {step: loss}, "seconds": training
+    time before this process}; it is saved with each checkpoint, so a resumed run keeps counting.
+    """
     from transformers import TrainerCallback
 
-    class MlflowMetrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            metrics = {METRIC_NAMES[k]: float(v) for k, v in (logs or {}).items() if k in METRIC_NAMES}
-            if metrics:
-                mlflow.log_metrics(metrics, step=state.global_step)
+    class LoraflowCallback(TrainerCallback):
+        def on_log(self, args, trainer_state, control, logs=None, **kwargs):
+            metrics = {TRAINER_METRICS[k]: float(v) for k, v in (logs or {}).items() if k in TRAINER_METRICS}
+            if metrics and trainer_state.global_step > state["logged_through"]:  # never a step twice
+                mlflow.log_metrics(metrics, step=trainer_state.global_step)
 
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if on_eval and metrics and "eval_loss" in metrics:
-                on_eval(state.global_step, float(metrics["eval_loss"]))
+        def on_step_end(self, args, trainer_state, control, model=None, **kwargs):
+            step = trainer_state.global_step
+            if eval_rows and (step % cfg.train.eval_steps == 0 or step >= trainer_state.max_steps):
+                state["eval"][step] = evaluate_now(model, tokenizer, eval_rows, cfg)
+                if step > state["logged_through"]:
+                    mlflow.log_metric(EVAL_LOSS, state["eval"][step], step=step)
+                if on_eval:
+                    on_eval(step, state["eval"][step])
+            if stopper.signum is not None:
+                control.should_save = control.should_training_stop = True
+            return control
 
-    return MlflowMetrics()
+        def on_save(self, args, trainer_state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{trainer_state.global_step}"
+            saved = {"tokens": state["tokens"], "eval": state["eval"], "seconds": training_seconds(state)}
+            (folder / COMPLETE_MARKER).write_text(json.dumps(saved))
+
+    return LoraflowCallback()
 
 
-def training_arguments(cfg: Config, output_dir: Path, bf16: bool, has_eval: bool):
+def training_seconds(state: dict) -> float:
+    """Wall-clock training time of the whole run: earlier processes' (resume) plus this one's."""
+    return state["seconds"] + time.perf_counter() - state["started"]
+
+
+def evaluate_now(model, tokenizer, rows: list[dict], cfg: Config) -> float:
+    """Validation loss per target token, in eval mode (no dropout), then back to training."""
+    model.eval()
+    try:
+        return generation.validation_loss(model, tokenizer, rows, cfg)
+    finally:
+        model.train()
+
+
+def count_trained_tokens(model, cfg: Config, state: dict):
+    """A forward pre-hook adding each training batch's label tokens to state["tokens"].
+
+    It counts only forwards in training mode (not evaluation, not a batch the loader prefetched but
+    never trained on), and only positions the loss uses: causal labels are shifted by one.
+    """
+    causal = cfg.model.kind == "causal"
+
+    def hook(module, args, kwargs):
+        labels = kwargs.get("labels")
+        if module.training and labels is not None:
+            used = labels[:, 1:] if causal else labels
+            state["tokens"] += int((used != data.IGNORE_INDEX).sum())
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def training_arguments(cfg: Config, output_dir: Path, bf16: bool):
     import torch
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=cfg.train.batch_size,
-        per_device_eval_batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.grad_accum,
+        gradient_accumulation_steps=cfg.train.grad_accum,
         learning_rate=cfg.train.learning_rate, lr_scheduler_type=cfg.train.lr_scheduler,
-        warmup_steps=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay,
+        warmup_steps=cfg.train.warmup_ratio,  # transformers 5 reads a float < 1 here as a ratio of the steps
+        weight_decay=cfg.train.weight_decay,
         max_steps=cfg.train.max_steps, num_train_epochs=cfg.train.epochs, seed=cfg.train.seed,
-        data_seed=cfg.train.seed, logging_steps=cfg.train.logging_steps,
-        eval_strategy="steps" if has_eval else "no", eval_steps=cfg.train.eval_steps,
+        data_seed=cfg.train.seed, logging_steps=cfg.train.logging_steps, eval_strategy="no",
         save_strategy="steps", save_steps=cfg.train.save_steps, save_total_limit=2,
         bf16=bf16, report_to="none", train_sampling_strategy="group_by_length",
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
@@ -87,26 +159,20 @@ def training_arguments(cfg: Config, output_dir: Path, bf16: bool, has_eval: bool
     )
 
 
-def build_trainer(cfg: Config, model, tokenizer, prepared: data.PreparedData, output_dir: Path,
-                  on_eval=None):
-    """A Trainer on the tokenised splits; returns (trainer, label-token counter)."""
+def build_trainer(cfg: Config, model, tokenizer, prepared: data.PreparedData, output_dir: Path, callback=None):
+    """A Trainer on the tokenised training split, with loraflow's callback (when given) attached."""
     import datasets
     import torch
-    from transformers import Trainer
+    from transformers import DataCollatorForSeq2Seq, Trainer
 
     train_examples = data.training_examples(prepared.splits["train"], tokenizer, cfg)
     if not train_examples:
         raise LoraflowError("no training examples left after tokenisation (check data.max_length)")
-    val_rows = prepared.splits["validation"][:cfg.train.eval_rows or None]
-    eval_examples = data.training_examples(val_rows, tokenizer, cfg) if val_rows else []
-    counter = LabelTokenCounter(tokenizer)
-    trainer = Trainer(
-        model=model, args=training_arguments(cfg, output_dir, models.compute_dtype(cfg) == torch.bfloat16,
-                                             bool(eval_examples)),
+    return Trainer(
+        model=model, args=training_arguments(cfg, output_dir, models.compute_dtype(cfg) == torch.bfloat16),
         train_dataset=datasets.Dataset.from_list(train_examples),
-        eval_dataset=datasets.Dataset.from_list(eval_examples) if eval_examples else None,
-        data_collator=counter, callbacks=[mlflow_callback(on_eval)])
-    return trainer, counter
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX),
+        callbacks=[callback] if callback else [])
 
 
 def peak_memory_mb() -> float:
@@ -117,21 +183,54 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def find_resumable_run(cfg: Config, run_id: str | None) -> tuple[str, Path]:
-    """(run id, checkpoint folder) of `run_id` or of the project's latest training run with a checkpoint."""
-    from transformers.trainer_utils import get_last_checkpoint
+# --- resuming ------------------------------------------------------------------------------------
 
-    client = mlflow.MlflowClient()
-    experiment = mlflow.get_experiment_by_name(cfg.name)
-    candidates = [client.get_run(run_id)] if run_id else client.search_runs(
-        [experiment.experiment_id] if experiment else [], "tags.`loraflow.stage` = 'train'",
-        order_by=["attributes.start_time DESC"], max_results=20)
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoints that were written to the end (they hold the marker), newest first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted((p for p in found if (p / COMPLETE_MARKER).is_file()), key=lambda p: -int(p.name.split("-")[-1]))
+
+
+def newest_complete_checkpoint(output_dir: Path) -> Path | None:
+    complete = complete_checkpoints(output_dir)
+    partial = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p not in complete]
+    newest = complete[0] if complete else None
+    for folder in partial:
+        if newest is None or int(folder.name.split("-")[-1]) > int(newest.name.split("-")[-1]):
+            warn(f"{folder.name} was not written to the end; resuming from "
+                 f"{newest.name if newest else 'nothing'} instead")
+    return newest
+
+
+def find_resumable_run(cfg: Config, store: tracking.Store, run_id: str | None) -> tuple[str, Path]:
+    """(run id, checkpoint) of `run_id`, else of the newest unfinished training run of this config."""
+    if run_id:
+        candidates = [tracking.get_run(run_id, store)]
+    else:
+        candidates = [run for run in tracking.find_runs(store, stage="train", project=cfg.name,
+                                                        config_hash=cfg.config_hash(), trials=False)
+                      if run.info.status != "FINISHED"]
     for run in candidates:
-        output_dir = Path(run.data.tags.get("loraflow.output_dir", ""))
-        if output_dir.is_dir() and get_last_checkpoint(str(output_dir)):
-            return run.info.run_id, Path(get_last_checkpoint(str(output_dir)))
-    raise LoraflowError(f"nothing to resume: no training run of '{cfg.name}' has a checkpoint on this machine")
+        if run.info.status == "FINISHED":
+            raise LoraflowError(f"run {run.info.run_id} is FINISHED: there is nothing to resume")
+        checkpoint = newest_complete_checkpoint(Path(run.data.tags.get(Tags.OUTPUT_DIR, "")))
+        if checkpoint is not None:
+            return run.info.run_id, checkpoint
+    raise LoraflowError(f"nothing to resume: no unfinished training run of '{cfg.name}' with this config "
+                        "has a complete checkpoint on this machine (or pass --run-id)")
 
+
+def resumed_state(checkpoint: Path | None, run_id: str) -> dict:
+    """The counts saved with the checkpoint, and the last step the run logged (a process killed after its
+    last checkpoint logged steps the resumed one repeats: those are not logged again)."""
+    saved = json.loads((checkpoint / COMPLETE_MARKER).read_text()) if checkpoint else {}
+    history = mlflow.MlflowClient().get_metric_history(run_id, TRAIN_LOSS) if checkpoint else []
+    return {"logged_through": max((m.step for m in history), default=0), "tokens": int(saved.get("tokens", 0)),
+            "eval": {int(k): v for k, v in saved.get("eval", {}).items()},
+            "seconds": float(saved.get("seconds", 0.0)), "started": time.perf_counter()}
+
+
+# --- outputs -------------------------------------------------------------------------------------
 
 def plot_loss_curve(run_id: str, title: str):
     """Train and eval loss against step, read back from MLflow (so resumed runs plot whole)."""
@@ -142,7 +241,7 @@ def plot_loss_curve(run_id: str, title: str):
 
     client = mlflow.MlflowClient()
     figure, axis = plt.subplots(figsize=(7, 4))
-    for key, style in (("train/loss", "-"), ("eval/loss", "o-")):
+    for key, style in ((TRAIN_LOSS, "-"), (EVAL_LOSS, "o-")):
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         if history:
             axis.plot([m.step for m in history], [m.value for m in history], style, label=key, markersize=4)
@@ -161,57 +260,64 @@ def log_adapter(model, tokenizer) -> Path:
     return adapter_dir
 
 
-def final_eval_loss(trainer) -> float:
-    """The validation loss at the last step: the Trainer's own if it evaluated there, else evaluate now."""
-    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
-    if last is not None and last.get("step") == trainer.state.global_step:
-        return float(last["eval_loss"])
-    return float(trainer.evaluate()["eval_loss"])
-
-
-def final_metrics(cfg: Config, trainer, counter: LabelTokenCounter, wall_seconds: float) -> dict:
+def final_metrics(cfg: Config, trainer, state: dict) -> dict:
+    wall_seconds = training_seconds(state)
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    metrics = {"train/tokens": counter.tokens, "train/wall_seconds": wall_seconds,
-               "train/tokens_per_second": counter.tokens / max(wall_seconds, 1e-9),
+    metrics = {"train/tokens": state["tokens"], "train/wall_seconds": wall_seconds,
+               "train/tokens_per_second": state["tokens"] / max(wall_seconds, 1e-9),
                "train/peak_memory_mb": peak_memory_mb(),
                "train/cost_usd": wall_seconds / 3600 * cfg.train.price_per_hour,
                "train/trainable_params": trainable, "train/total_params": total,
                "train/steps": trainer.state.global_step}
-    if trainer.eval_dataset is not None:
-        eval_loss = final_eval_loss(trainer)
-        metrics.update({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))})
+    if state["eval"]:
+        eval_loss = state["eval"][max(state["eval"])]
+        metrics.update({EVAL_LOSS: eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))})
     return metrics
 
 
-def run(cfg: Config, *, resume: bool = False, run_id: str | None = None, nested: bool = False,
-        on_eval: Callable[[int, float], None] | None = None, tags: dict | None = None,
-        keep_model: bool = False) -> TrainResult:
-    """Train one adapter in an MLflow run (a new one, or the resumed one) and return its result."""
+def run(cfg: Config, *, store: tracking.Store | None = None, resume: bool = False, run_id: str | None = None,
+        parent_run_id: str | None = None, on_eval: Callable[[int, float], None] | None = None,
+        tags: dict | None = None, keep_model: bool = False, prepared: data.PreparedData | None = None,
+        base_path: str | None = None) -> TrainResult:
+    """Train one adapter in an MLflow run (a new one, or the resumed one) and return its result.
+
+    `prepared` and `base_path` let a caller that already prepared the data and resolved the model
+    (the pipeline) pass them on; `run_id` without `resume` logs into an existing run (a tune trial).
+    """
     if not cfg.train.enabled:
         raise LoraflowError("train.enabled is false in this config: it evaluates the base model only "
                             "(use `loraflow evaluate` or `loraflow pipeline`)")
+    store = store or tracking.connect(cfg=cfg)
     checkpoint = None
     if resume:
-        run_id, checkpoint = find_resumable_run(cfg, run_id)
-        print(f"loraflow: resuming run {run_id} from {checkpoint.name}", file=sys.stderr)
-    prepared = data.prepare(cfg)
-    base_path = models.resolve_model_path(cfg.model.name, cfg)
-    with tracking.stage_run(cfg, "train", run_id=run_id, nested=nested, tags=tags) as active:
+        run_id, checkpoint = find_resumable_run(cfg, store, run_id)
+        say(f"resuming run {run_id} from {checkpoint.name}")
+    prepared = prepared or data.prepare(cfg)
+    base_path = base_path or models.resolve_model_path(cfg.model.name, cfg)
+    with tracking.stage_run(cfg, "train", store, run_id=run_id, parent_run_id=parent_run_id,
+                            tags=tags) as active, StopOnSignal() as stopper:
         run_id = active.info.run_id
         output_dir = Path(cfg.train.output_dir).resolve() / cfg.name / run_id
-        mlflow.set_tags({"loraflow.output_dir": str(output_dir), "loraflow.base_model_path": base_path})
+        mlflow.set_tags({Tags.OUTPUT_DIR: str(output_dir), Tags.BASE_MODEL_PATH: base_path})
         if not resume:
             mlflow.log_params(tracking.flat_params(cfg))
             tracking.log_config(cfg)
             data.log_prepared(cfg, prepared)
         model, tokenizer = models.load_model(cfg, base_path)
         model = models.attach_lora(model, cfg)
-        trainer, counter = build_trainer(cfg, model, tokenizer, prepared, output_dir, on_eval)
-        started = time.perf_counter()
+        state = resumed_state(checkpoint, run_id)
+        eval_rows = prepared.splits["validation"][:cfg.train.eval_rows or None]
+        callback = loraflow_callback(cfg, tokenizer, eval_rows, state, stopper, on_eval)
+        trainer = build_trainer(cfg, model, tokenizer, prepared, output_dir, callback)
+        count_trained_tokens(trainer.model, cfg, state)
+        state["started"] = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        metrics = final_metrics(cfg, trainer, counter, time.perf_counter() - started)
-        mlflow.log_metrics(metrics, step=trainer.state.global_step)
+        if stopper.signum is not None:
+            raise Interrupted(stopper.signum, run_id)
+        metrics = final_metrics(cfg, trainer, state)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k != EVAL_LOSS},  # eval/loss is logged per step
+                           step=trainer.state.global_step)
         adapter_dir = log_adapter(trainer.model, tokenizer)
         tracking.log_figure_png(plot_loss_curve(run_id, f"{cfg.name}: loss"), "plots/loss_curve.png")
-    return TrainResult(run_id=run_id, eval_loss=metrics.get("eval/loss", float("nan")), adapter_dir=adapter_dir,
+    return TrainResult(run_id=run_id, eval_loss=metrics.get(EVAL_LOSS, float("nan")), adapter_dir=adapter_dir,
                        metrics=metrics, model=trainer.model if keep_model else None)

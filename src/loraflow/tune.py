@@ -18,22 +18,19 @@ own --n-trials under its own study run; the best trial and counts logged are the
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
-import re
-import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import mlflow
 
-from loraflow import LoraflowError, models, tracking, train
-from loraflow.config import Config, tune_problems
+from loraflow import LoraflowError, models, tracking, train, warn
+from loraflow.config import Config, tune_problems, with_values
+from loraflow.tracking import EVAL_LOSS, Tags, first_line, redact
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
 
@@ -47,6 +44,13 @@ class TuneResult:
     best_value: float | None
     best_config: dict = field(default_factory=dict)  # dotted key -> value the best trial trained with
     counts: dict = field(default_factory=dict)  # Optuna state -> trials of the whole study
+    table: str = ""  # one line per trial of the study
+    objective: str = ""
+    storage: str = ""  # the storage URL, password hidden
+
+    def summary_line(self) -> str:
+        return (f"best: trial {self.best_trial}, run {self.best_run_id}, {self.objective}={self.best_value:.4f} "
+                f"(study {self.study_name!r}, {self.storage})")
 
 
 # --- storage and study ------------------------------------------------------------------------
@@ -61,10 +65,6 @@ def storage_url(storage: str | None = None, cfg: Config | None = None) -> str:
     if uri.startswith("sqlite:///") and uri != defaults["tracking_uri"]:
         return str(Path(uri.removeprefix("sqlite:///")).parent / "optuna-journal.log")
     return defaults["optuna_storage"]
-
-
-def redact(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
 
 
 def open_storage(url: str):
@@ -190,14 +190,6 @@ def suggest_config(trial, cfg: Config, num_layers: int | None) -> dict:
     return values
 
 
-def trial_config(cfg: Config, values: dict) -> Config:
-    trial_cfg = copy.deepcopy(cfg)
-    for key, value in values.items():
-        section, leaf = key.split(".")
-        setattr(getattr(trial_cfg, section), leaf, value)
-    return trial_cfg
-
-
 # --- one trial --------------------------------------------------------------------------------
 
 def pruning_callback(trial, maximize: bool):
@@ -217,78 +209,75 @@ def pruning_callback(trial, maximize: bool):
 
 
 def trial_tags(study_name: str, study_run_id: str, number: int) -> dict:
-    return {"loraflow.study": study_name, "loraflow.study_run_id": study_run_id, "loraflow.trial_number": str(number)}
+    return {Tags.STUDY: study_name, Tags.STUDY_RUN_ID: study_run_id, Tags.TRIAL_NUMBER: str(number)}
 
 
-def start_trial_run(trial_cfg: Config, study_run, study_name: str, number: int) -> str:
+def start_trial_run(trial_cfg: Config, store: tracking.Store, study_run, study_name: str, number: int) -> str:
     """Create the trial's run (nested under the study run) before training, so every trial has one."""
-    from mlflow.tracking.context import registry as context_registry
-
     tags = {**tracking.lineage_tags(trial_cfg, "train"), **trial_tags(study_name, study_run.info.run_id, number),
-            "mlflow.parentRunId": study_run.info.run_id, "loraflow.trial_state": "RUNNING"}
-    run = mlflow.MlflowClient().create_run(study_run.info.experiment_id, run_name=f"trial-{number}",
-                                           tags=context_registry.resolve_tags(tags))
+            Tags.PARENT_RUN_ID: study_run.info.run_id, Tags.TRIAL_STATE: "RUNNING"}
+    run = store.client().create_run(study_run.info.experiment_id, run_name=f"trial-{number}", tags=tags)
     return run.info.run_id
 
 
-def end_trial_run(run_id: str, state: str, exc: BaseException | None = None) -> None:
+def end_trial_run(store: tracking.Store, run_id: str, state: str, exc: BaseException | None = None) -> None:
     """Tag the trial's state; end its run if the failure came before training started it."""
-    client = mlflow.MlflowClient()
-    client.set_tag(run_id, "loraflow.trial_state", state)
+    client = store.client()
+    client.set_tag(run_id, Tags.TRIAL_STATE, state)
     run = client.get_run(run_id)
-    if exc is not None and "loraflow.error" not in run.data.tags:
-        client.set_tag(run_id, "loraflow.error", first_line(exc)[:500])
+    if exc is not None and Tags.ERROR not in run.data.tags:
+        client.set_tag(run_id, Tags.ERROR, redact(first_line(exc))[:500])
     if run.info.status == "RUNNING":
         client.set_terminated(run_id, tracking.run_status_for(exc) if exc is not None else "FINISHED")
 
 
-def train_and_score(trial, trial_cfg: Config, run_id: str, tags: dict) -> float:
+def train_and_score(trial, trial_cfg: Config, store: tracking.Store, run_id: str, tags: dict) -> float:
     """Train in the trial's run; the objective is its eval/loss or a metric of a nested evaluation."""
     objective = trial_cfg.tune.objective
-    result = train.run(trial_cfg, run_id=run_id, nested=True,  # the run exists, tagged: train logs into it
+    result = train.run(trial_cfg, store=store, run_id=run_id,  # the run exists, tagged: train logs into it
                        on_eval=pruning_callback(trial, trial_cfg.tune.direction == "maximize"))
-    if objective == "eval/loss":
+    if objective == EVAL_LOSS:
         if math.isnan(result.eval_loss):
             raise LoraflowError("no validation rows for eval/loss: set data.val_fraction > 0")
         return result.eval_loss
-    from loraflow import evaluate
+    from loraflow import evaluate  # the objective is the evaluate stage's metric, run nested in the trial
 
     with mlflow.start_run(run_id=run_id, nested=True):
-        summary = evaluate.run(trial_cfg, run_id=run_id, nested=True, tags=tags).summary
+        summary = evaluate.run(trial_cfg, store=store, run_id=run_id, parent_run_id=run_id, tags=tags).summary
     if objective not in summary:
         raise LoraflowError(f"the evaluation gave no {objective} (it gave {', '.join(sorted(summary))})")
     if not objective.startswith("delta/"):  # evaluate copies the deltas onto the training run itself
-        mlflow.MlflowClient().log_metric(run_id, objective, summary[objective])
+        store.client().log_metric(run_id, objective, summary[objective])
     return float(summary[objective])
 
 
-def run_trial(trial, *, cfg: Config, study_run, num_layers: int | None) -> float:
+def run_trial(trial, *, cfg: Config, store: tracking.Store, study_run, num_layers: int | None) -> float:
     """Optuna's objective: one nested training run; a failure is logged and scored NaN (Optuna: FAIL)."""
     import optuna
 
     trial.study.sampler = seeded_sampler(cfg, trial.number)
     values = suggest_config(trial, cfg, num_layers)
-    trial_cfg = trial_config(cfg, values)
-    run_id = start_trial_run(trial_cfg, study_run, trial.study.study_name, trial.number)
+    trial_cfg = with_values(cfg, values)  # validated like a user's values: a bad one fails the trial
+    run_id = start_trial_run(trial_cfg, store, study_run, trial.study.study_name, trial.number)
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("config", values)
     try:
-        value = train_and_score(trial, trial_cfg, run_id, trial_tags(trial.study.study_name, study_run.info.run_id,
+        value = train_and_score(trial, trial_cfg, store, run_id, trial_tags(trial.study.study_name, study_run.info.run_id,
                                                                      trial.number))
     except optuna.TrialPruned as exc:
-        end_trial_run(run_id, "PRUNED", exc)
+        end_trial_run(store, run_id, "PRUNED", exc)
         raise
     except Exception as exc:
-        end_trial_run(run_id, "FAILED", exc)
+        end_trial_run(store, run_id, "FAILED", exc)
         trial.set_user_attr("fail_reason", first_line(exc))
         warn(f"trial {trial.number} failed (run {run_id}): {first_line(exc)}")
         if os.environ.get("LORAFLOW_DEBUG"):
             traceback.print_exc()
         return float("nan")
     except BaseException as exc:  # interrupted: the trial's run ends KILLED, the study run too
-        end_trial_run(run_id, "FAILED", exc)
+        end_trial_run(store, run_id, "FAILED", exc)
         raise
-    end_trial_run(run_id, "COMPLETE")
+    end_trial_run(store, run_id, "COMPLETE")
     return value
 
 
@@ -308,7 +297,7 @@ def log_outcome(cfg: Config, study_name: str, trials: list, study_run_id: str) -
     result.best_run_id, result.best_trial = best.user_attrs.get("mlflow_run_id"), best.number
     result.best_value = best.value
     result.best_config = best.user_attrs.get("config", best.params)
-    mlflow.set_tags({"loraflow.best_run_id": result.best_run_id or "", "loraflow.best_trial": best.number})
+    mlflow.set_tags({Tags.BEST_RUN_ID: result.best_run_id or "", Tags.BEST_TRIAL: best.number})
     mlflow.log_params({f"best/{key}": json.dumps(value) if isinstance(value, (list, dict)) or value is None else value
                        for key, value in result.best_config.items()})
     mlflow.log_metrics({"best/value": best.value, f"best/{cfg.tune.objective}": best.value})
@@ -360,14 +349,6 @@ def trials_table(trials: list) -> str:
     return "\n".join(lines)
 
 
-def first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def warn(message: str) -> None:
-    print(f"loraflow: warning: {message}", file=sys.stderr)
-
-
 # --- the stage --------------------------------------------------------------------------------
 
 def check_inputs(cfg: Config, n_trials: int, url: str):
@@ -389,31 +370,31 @@ def check_inputs(cfg: Config, n_trials: int, url: str):
     return storage, num_layers
 
 
-def run(cfg: Config, *, n_trials: int | None = None, study_name: str | None = None,
-        storage: str | None = None) -> TuneResult:
+def run(cfg: Config, *, store: tracking.Store | None = None, n_trials: int | None = None,
+        study_name: str | None = None, storage: str | None = None, parent_run_id: str | None = None,
+        tags: dict | None = None) -> TuneResult:
     """Run n_trials trials of the study (created, or resumed when it exists) and return its best."""
+    store = store or tracking.connect(cfg=cfg)
     n_trials = n_trials or cfg.tune.n_trials
     study_name = study_name or cfg.tune.study_name or cfg.name
     url = storage_url(storage, cfg)
     optuna_storage, num_layers = check_inputs(cfg, n_trials, url)
     study = open_study(cfg, study_name, optuna_storage)
-    tags = {"loraflow.study": study_name, "loraflow.optuna_storage": redact(url),
-            "loraflow.objective": cfg.tune.objective}
-    with tracking.stage_run(cfg, "tune", nested=mlflow.active_run() is not None, run_name=study_name,
-                            tags=tags) as study_run:
+    run_tags = {Tags.STUDY: study_name, Tags.OPTUNA_STORAGE: redact(url), Tags.OBJECTIVE: cfg.tune.objective,
+                **(tags or {})}
+    with tracking.stage_run(cfg, "tune", store, parent_run_id=parent_run_id, run_name=study_name,
+                            tags=run_tags) as study_run:
         mlflow.log_params(tracking.flat_params(cfg))
         tracking.log_config(cfg)
-        study.optimize(lambda trial: run_trial(trial, cfg=cfg, study_run=study_run, num_layers=num_layers),
+        study.optimize(lambda trial: run_trial(trial, cfg=cfg, store=store, study_run=study_run, num_layers=num_layers),
                        n_trials=n_trials, timeout=cfg.tune.timeout or None, catch=(Exception,),
                        gc_after_trial=True, show_progress_bar=True)
         trials = study.get_trials()  # one snapshot: other workers may still be adding trials
         result = log_outcome(cfg, study_name, trials, study_run.info.run_id)
+        result.table, result.objective, result.storage = trials_table(trials), cfg.tune.objective, redact(url)
         log_plots(study)
-        click.echo(trials_table(trials))
         if result.best_run_id is None:
             failures = [t.user_attrs["fail_reason"] for t in trials if "fail_reason" in t.user_attrs]
             raise LoraflowError(f"no trial of study {study_name!r} completed"
                                 + (f" (first failure: {failures[0]})" if failures else ""))
-        click.echo(f"best: trial {result.best_trial}, run {result.best_run_id}, "
-                   f"{cfg.tune.objective}={result.best_value:.4f} (study {study_name!r}, {redact(url)})")
     return result

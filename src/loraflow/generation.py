@@ -1,0 +1,135 @@
+"""Text generation and teacher-forced loss, shared by evaluate, the registry gate, serving and benchmarks.
+
+    answers = generation.generate(model, tokenizer, ["Describe: a red mug"], cfg)
+    answers = generation.generate(model, tokenizer, prompts, cfg, seed=1, deadline=time.monotonic() + 60)
+    loss = generation.validation_loss(model, tokenizer, rows, cfg)   # mean loss per target token
+
+Prompts are encoded exactly as in training (data.prompt_token_ids); batches are sorted by length and
+left-padded for causal models, so greedy answers equal one-prompt-at-a-time generation.
+"""
+from __future__ import annotations
+
+import time
+
+from loraflow import data
+from loraflow.config import Config
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """eos ids of the generation config and tokenizer plus any end-of-turn token the vocabulary has."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    ids.append(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def generation_settings(model, tokenizer, cfg: Config) -> dict:
+    """model.generate keywords: greedy when eval.temperature == 0, else nucleus sampling."""
+    settings = {"max_new_tokens": cfg.eval.max_new_tokens, "repetition_penalty": cfg.eval.repetition_penalty,
+                "eos_token_id": stop_token_ids(model, tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    if cfg.eval.temperature > 0:
+        return {**settings, "do_sample": True, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p}
+    return {**settings, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+def encode_prompts(tokenizer, prompts: list[str], cfg: Config) -> list[list[int]]:
+    """Token ids per prompt, exactly as in training (seq2seq inputs truncated to data.max_length there too)."""
+    if cfg.model.kind == "seq2seq":
+        texts = [data.format_prompt(tokenizer, p, cfg) for p in prompts]
+        return tokenizer(texts, truncation=True, max_length=cfg.data.max_length)["input_ids"]
+    return [data.prompt_token_ids(tokenizer, p, cfg) for p in prompts]
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, left: bool):
+    """(input_ids, attention_mask) tensors, padded on the left for causal models."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        start = width - len(sequence) if left else 0
+        ids[row, start:start + len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, start:start + len(sequence)] = 1
+    return ids, mask
+
+
+def deadline_criteria(deadline: float | None):
+    """A StoppingCriteriaList that ends generation once time.monotonic() passes `deadline` (None: never)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class PastDeadline(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            return torch.full((input_ids.shape[0],), time.monotonic() >= deadline, dtype=torch.bool,
+                              device=input_ids.device)
+
+    return StoppingCriteriaList([PastDeadline()] if deadline is not None else [])
+
+
+class DeadlinePassed(TimeoutError):
+    """Generation stopped at its deadline; `answers` holds what was produced by then."""
+
+    def __init__(self, answers: list[str]):
+        super().__init__("generation stopped at its deadline")
+        self.answers = answers
+
+
+def generate(model, tokenizer, prompts: list[str], cfg: Config, *, seed: int | None = None,
+             deadline: float | None = None, progress: bool = True) -> list[str]:
+    """Answers to raw prompts (formatted here with data.format_prompt), in the order given.
+
+    Prompts are sorted by length into batches of eval.batch_size; causal batches are left-padded
+    with an attention mask, so greedy answers equal one-prompt-at-a-time generation. Only new
+    tokens are decoded (seq2seq models output only new tokens). `seed` seeds sampling. Past
+    `deadline` (a time.monotonic() value) generation stops and DeadlinePassed is raised.
+    """
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    encoded = encode_prompts(tokenizer, prompts, cfg)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    size = cfg.eval.batch_size
+    batches = [order[start:start + size] for start in range(0, len(order), size)]
+    settings = generation_settings(model, tokenizer, cfg)
+    stopping = deadline_criteria(deadline)
+    causal = cfg.model.kind == "causal"
+    if seed is not None:
+        transformers.set_seed(seed)
+    answers = [""] * len(prompts)
+    for batch in tqdm(batches, desc="generating", unit="batch", leave=False, disable=not progress):
+        input_ids, attention_mask = pad_batch([encoded[i] for i in batch], tokenizer.pad_token_id, left=causal)
+        with torch.inference_mode():
+            output = model.generate(input_ids=input_ids.to(model.device),
+                                    attention_mask=attention_mask.to(model.device),
+                                    stopping_criteria=stopping, **settings)
+        new_tokens = output[:, input_ids.shape[1]:] if causal else output
+        for index, tokens in zip(batch, new_tokens):
+            answers[index] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlinePassed(answers)
+    return answers
+
+
+def validation_loss(model, tokenizer, rows: list[dict], cfg: Config) -> float:
+    """Teacher-forced mean loss per target token, labels masked as in training (token-weighted)."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    examples = data.training_examples(rows, tokenizer, cfg)
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX)
+    total, count = 0.0, 0
+    for start in range(0, len(examples), cfg.eval.batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(examples[start:start + cfg.eval.batch_size]).items()}
+        with torch.inference_mode():
+            loss = model(**batch).loss
+        labels = batch["labels"] if cfg.model.kind == "seq2seq" else batch["labels"][:, 1:]
+        tokens = int((labels != data.IGNORE_INDEX).sum())
+        total, count = total + float(loss) * tokens, count + tokens
+    return total / count if count else float("nan")
