@@ -8,23 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
+from helpers import assert_one_line_error, runs_of
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "train", "evaluate", "tune", "register", "serve", "pipeline")
 
 
-def assert_one_line_error(code, err, pattern):
-    assert code != 0
-    lines = [line for line in err.strip().splitlines() if " INFO " not in line]
-    assert lines[-1].startswith("error: ") and pattern in lines[-1], err
-    assert "Traceback" not in err
-
-
-def assert_no_finished_run():
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert all(r.info.status != "FINISHED" for r in runs)
+def last_line(err: str) -> str:
+    """The last stderr line that is not an MLflow INFO log line: the error comes last."""
+    return [line for line in err.strip().splitlines() if " INFO " not in line][-1]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -35,47 +28,47 @@ def test_help_explains_each_stage(run_cli, stage):
 
 def test_missing_data_file(tiny_llama, write_project, run_cli):
     code, _, err = run_cli("train", write_project(tiny_llama, data={"path": "nowhere.jsonl"}))
-    assert_one_line_error(code, err, "data file not found")
-    assert_no_finished_run()
+    assert assert_one_line_error(code, err, "data file not found") == last_line(err), err
+    assert not runs_of(status="FINISHED")
 
 
 def test_unreadable_format(tiny_llama, write_project, run_cli, tmp_path):
     (tmp_path / "rows.jsonl").write_text("this is not json\nnor this\n")
     code, _, err = run_cli("train", write_project(tiny_llama, data={"path": "rows.jsonl"}))
-    assert_one_line_error(code, err, "cannot read")
-    assert_no_finished_run()
+    assert assert_one_line_error(code, err, "cannot read") == last_line(err), err
+    assert not runs_of(status="FINISHED")
 
 
 def test_field_that_does_not_exist(tiny_llama, write_project, run_cli):
     code, _, err = run_cli("prepare", write_project(tiny_llama, data={"prompt_template": "{nope}"}))
-    assert_one_line_error(code, err, "field 'nope' not found")
-    assert_no_finished_run()
+    assert assert_one_line_error(code, err, "field 'nope' not found") == last_line(err), err
+    assert not runs_of(status="FINISHED")
 
 
 def test_empty_after_filtering(tiny_llama, write_project, run_cli, tmp_path):
     (tmp_path / "rows.jsonl").write_text(json.dumps({"title": "a", "content": ""}) + "\n")
     code, _, err = run_cli("train", write_project(tiny_llama, data={"path": "rows.jsonl"}))
-    assert_one_line_error(code, err, "no usable rows")
-    assert_no_finished_run()
+    assert assert_one_line_error(code, err, "no usable rows") == last_line(err), err
+    assert not runs_of(status="FINISHED")
 
 
 def test_invalid_config_values_are_reported_together(tiny_llama, write_project, run_cli):
     code, _, err = run_cli("train", write_project(tiny_llama), "--set", "lora.r=0", "--set",
                            "train.learning_rate=-1", "--set", "model.quantization=nf3", "--set", "lora.rank=4")
-    assert_one_line_error(code, err, "invalid config")
+    assert assert_one_line_error(code, err, "invalid config") == last_line(err), err
     for part in ("lora.r: must be > 0", "train.learning_rate: must be > 0", "model.quantization", "lora.rank"):
         assert part in err
 
 
 def test_model_that_cannot_be_found(write_project, run_cli, tmp_path):
     code, _, err = run_cli("train", write_project(tmp_path / "no-such-model"))
-    assert_one_line_error(code, err, "model not found")
-    assert_no_finished_run()
+    assert assert_one_line_error(code, err, "model not found") == last_line(err), err
+    assert not runs_of(status="FINISHED")
 
 
 def test_unknown_project(run_cli):
     code, _, err = run_cli("train", "no-such-project")
-    assert_one_line_error(code, err, "unknown project 'no-such-project'")
+    assert assert_one_line_error(code, err, "unknown project 'no-such-project'") == last_line(err), err
 
 
 def test_mlflow_run_train_entry_point(tiny_llama, write_project, isolated_tracking):
@@ -87,6 +80,6 @@ def test_mlflow_run_train_entry_point(tiny_llama, write_project, isolated_tracki
                            "-P", "overrides=train.max_steps=2 lora.r=2"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    [run] = mlflow.search_runs(experiment_names=["via-mlproject"], output_format="list")
+    [run] = runs_of(experiment="via-mlproject")
     assert run.info.status == "FINISHED" and run.data.params["lora.r"] == "2"
     assert run.data.tags["loraflow.stage"] == "train" and "train/loss" in run.data.metrics

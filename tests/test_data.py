@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import pytest
+from helpers import runs_of
 
 from loraflow import LoraflowError, data
 from loraflow.config import from_dict
@@ -142,7 +142,7 @@ def test_prepare_logs_counts_dataset_and_digest(tiny_llama, write_project, run_c
     code, out, err = run_cli("prepare", write_project(tiny_llama))
     assert code == 0, err
     assert "kept=60" in out
-    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    [run] = runs_of()
     assert run.info.status == "FINISHED" and run.data.metrics["data/rows_kept"] == 60
     assert run.data.tags["loraflow.data_digest"] and run.data.tags["loraflow.stage"] == "prepare"
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"tiny-train", "tiny-validation", "tiny-test"}

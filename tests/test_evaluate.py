@@ -6,6 +6,7 @@ import json
 import mlflow
 import pytest
 import torch
+from helpers import assert_one_line_error, runs_of
 
 from loraflow import LoraflowError, data, evaluate, generation, models, train
 from loraflow.config import load_config
@@ -13,18 +14,9 @@ from loraflow.config import load_config
 METRICS = ("rouge1", "rougeL")
 
 
-def runs_of(stage):
-    return mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`loraflow.stage` = '{stage}'")
-
-
 def artifact_paths(run_id):
     client = mlflow.MlflowClient()
     return {a.path for folder in ("eval", "plots") for a in client.list_artifacts(run_id, folder)}
-
-
-def one_error_line(err):
-    return len([line for line in err.splitlines() if line.startswith("error:")]) == 1 and "Traceback" not in err
 
 
 def details_of(run_id):
@@ -127,7 +119,8 @@ def test_bad_inputs_give_one_error_line(tiny_llama, write_project, run_cli):
              (): "no finished training run"}
     for args, message in cases.items():
         code, _, err = run_cli("evaluate", project, *args)
-        assert code == 2 and one_error_line(err) and message in err, (args, err)
+        assert code == 2, (args, err)
+        assert_one_line_error(code, err, message)
     assert not runs_of("evaluate")
 
 
@@ -136,7 +129,8 @@ def test_an_adapter_for_another_model_fails_the_started_run(tiny_llama, tiny_t5,
     t5_model, _ = models.load_model(t5_cfg, str(tiny_t5))
     models.attach_lora(t5_model, t5_cfg).save_pretrained(tmp_path / "t5-adapter")
     code, _, err = run_cli("evaluate", write_project(tiny_llama), "--adapter", tmp_path / "t5-adapter")
-    assert code == 2 and one_error_line(err) and "does not fit" in err, err
+    assert code == 2, err
+    assert_one_line_error(code, err, "does not fit")
     [run] = runs_of("evaluate")
     assert run.info.status == "FAILED" and run.data.tags["loraflow.error"]
 

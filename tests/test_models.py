@@ -4,6 +4,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
+from helpers import runs_of
 
 from loraflow import LoraflowError, models, train
 from loraflow.config import EMBEDDED_MODEL, from_dict, load_config
@@ -44,7 +45,7 @@ def test_embedded_smollm2_trains_with_nf4_and_generates(run_cli):
     code, _, err = run_cli("train", "quickstart", "--set", "train.max_steps=2", "--set", "train.eval_steps=2",
                            "--set", "data.builtin_rows=40", "--set", "train.batch_size=2")
     assert code == 0, err
-    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    [run] = runs_of()
     assert run.info.status == "FINISHED" and run.data.params["model.quantization"] == "nf4"
     cfg = load_config("quickstart")
     model, tokenizer = models.load_model(cfg, models.resolve_model_path(EMBEDDED_MODEL))

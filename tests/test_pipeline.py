@@ -3,7 +3,7 @@ and running under a run that `mlflow run` created."""
 from __future__ import annotations
 
 import mlflow
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, runs_of
 
 STAGES = ("prepare", "train", "evaluate", "register")
 FAST = {"train": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "eval_rows": 4},
@@ -11,19 +11,13 @@ FAST = {"train": {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "eval_rows":
         "registry": {"gate_metric": "rougeL", "min_improvement": -1.0}}  # the gate lets random models through
 
 
-def runs_by_stage(stage: str) -> list:
-    return mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`loraflow.stage` = '{stage}'")
-
-
 def step_runs(stage: str, status: str | None = None) -> list:
-    """Runs the pipeline made for a step (the register stage's gate evaluation is not one)."""
-    return [r for r in runs_by_stage(stage) if "loraflow.step_key" in r.data.tags
-            and status in (None, r.info.status)]
+    """Runs the pipeline made for a step (the register stage's gate evaluation is not one), newest first."""
+    return [r for r in runs_of(stage, status=status) if "loraflow.step_key" in r.data.tags]
 
 
 def latest_pipeline_run():
-    return max(runs_by_stage("pipeline"), key=lambda r: r.info.start_time)
+    return runs_of("pipeline")[0]  # newest first
 
 
 def reused(parent) -> dict:
@@ -104,7 +98,7 @@ def test_changing_lora_r_reruns_train_onwards_and_reuses_prepare(tiny_llama, wri
     new_train = next(r for r in trains if r.info.run_id != first_train.info.run_id)
     assert new_train.data.params["lora.r"] == "2" and first_train.data.params["lora.r"] == "4"
     assert new_train.data.tags["mlflow.parentRunId"] == given.info.run_id
-    assert {r.info.experiment_id for r in runs_by_stage("pipeline")} == {experiment_id}
+    assert {r.info.experiment_id for r in runs_of("pipeline")} == {experiment_id}
 
 
 def test_tune_step_replaces_train_and_its_best_trial_is_evaluated_and_registered(tiny_llama, write_project, run_cli):
@@ -124,4 +118,4 @@ def test_tune_step_replaces_train_and_its_best_trial_is_evaluated_and_registered
 
     assert run_cli("pipeline", project)[0] == 0  # the study is not searched again
     assert latest_pipeline_run().data.tags["loraflow.step.tune.reused"] == "true"
-    assert len(runs_by_stage("tune")) == 1
+    assert len(runs_of("tune")) == 1

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import runs_of
 
 PROJECTS = Path(__file__).resolve().parents[1] / "projects"
 TINY = ["train.max_steps=2", "eval.num_samples=2", "eval.max_new_tokens=4",
@@ -23,12 +24,10 @@ def step_run(parent, stage: str):
 def run_smoke(run_cli, variant: str, model: Path, *overrides: str, registers: bool = True):
     """Run the pipeline on projects/<variant> with the tiny model; check its runs; return the parent run."""
     settings = [f"model.name={model}", *TINY, *overrides]
-    before = {r.info.run_id for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+    before = {r.info.run_id for r in runs_of()}
     code, out, err = run_cli("pipeline", PROJECTS / variant, *[arg for s in settings for arg in ("--set", s)])
     assert code == 0, err
-    [parent] = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                              filter_string="tags.`loraflow.stage` = 'pipeline'")
-                if r.info.run_id not in before]
+    [parent] = [r for r in runs_of("pipeline") if r.info.run_id not in before]
     assert parent.info.status == "FINISHED"
     stages = ("prepare", "train", "evaluate", "register") if registers else ("prepare", "evaluate")
     for stage in stages:
@@ -123,14 +122,12 @@ def test_smoke_variant_as_written_on_smollm2(sample_data, run_cli):
     variant = PROJECTS / "amazon-titles-tinyllama-chat/smoke.yaml"
     code, out, err = run_cli("train", variant)
     assert code == 0, err
-    [train] = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                 filter_string="tags.`loraflow.stage` = 'train'")
+    [train] = runs_of("train")
     assert train.info.status == "FINISHED" and train.data.metrics["train/steps"] == 2
     assert train.data.params["model.name"] == "smollm2-135m-instruct" and train.data.metrics["eval/loss"] > 0
     code, _, err = run_cli("evaluate", variant, "--run-id", train.info.run_id)
     assert code == 0, err
-    [evaluation] = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                      filter_string="tags.`loraflow.stage` = 'evaluate'")
+    [evaluation] = runs_of("evaluate")
     assert {"base/rougeL", "tuned/rougeL", "base/loss", "tuned/loss"} <= set(evaluation.data.metrics)
     side_by_side = mlflow.artifacts.load_text(f"runs:/{evaluation.info.run_id}/eval/side_by_side.csv")
     assert "Description: " in side_by_side

@@ -5,6 +5,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from helpers import assert_one_line_error, runs_of
 
 from loraflow import models, registry, tracking
 from loraflow.config import load_config
@@ -49,8 +50,7 @@ def test_merged_model_equals_base_plus_adapter(tiny_llama, write_project, tmp_pa
 def test_register_gate_aliases_card_and_pyfunc(tiny_llama, write_project, run_cli):
     project = write_project(tiny_llama, train={"max_steps": 2})
     assert run_cli("train", project)[0] == 0
-    [train_run] = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                     filter_string="tags.`loraflow.stage` = 'train'")
+    [train_run] = runs_of("train")
 
     # A random tiny model cannot be made to improve reliably, so the first registration lowers the bar
     # (delta/rougeL >= -1 always holds: rouge is in [0, 1]).
@@ -67,8 +67,7 @@ def test_register_gate_aliases_card_and_pyfunc(tiny_llama, write_project, run_cl
     assert "r=4" in champion.description and "| rougeL |" in champion.description
     register_run = mlflow.get_run(tags["loraflow.register_run_id"])
     assert register_run.info.status == "FINISHED" and register_run.data.tags["loraflow.gate"] == "passed"
-    gate_runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                   filter_string=f"tags.`mlflow.parentRunId` = '{register_run.info.run_id}'")
+    gate_runs = [r for r in runs_of() if r.data.tags.get("mlflow.parentRunId") == register_run.info.run_id]
     assert [r.data.tags["loraflow.stage"] for r in gate_runs] == ["evaluate"]
 
     generator = mlflow.pyfunc.load_model("models:/tiny@champion")
@@ -131,32 +130,24 @@ def test_gate_decision(tiny_llama, write_project, minimum, champion, metric, pas
     assert registry.gate(cfg, summary, champion)[0] is passed
 
 
-def error_line(err: str) -> str:
-    """The single `error:` line of stderr (MLflow may log INFO lines before it), and no traceback."""
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
-
-
 def test_bad_input_is_one_line_and_registers_nothing(tiny_llama, write_project, run_cli):
     project = write_project(tiny_llama)
     code, _, err = run_cli("register", project, "--from-run", "0123456789abcdef0123456789abcdef")
-    assert code != 0 and error_line(err).startswith("error: unknown run id")
+    assert assert_one_line_error(code, err).startswith("error: unknown run id"), err
 
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("tiny").experiment_id,
                           tags={"loraflow.stage": "train", "loraflow.base_model": str(tiny_llama)}) as empty:
         pass
     code, _, err = run_cli("register", project, "--from-run", empty.info.run_id)
-    assert code != 0 and "no 'adapter' artifact" in error_line(err)
+    assert_one_line_error(code, err, "no 'adapter' artifact")
 
     code, _, err = run_cli("register", project, "--from-study", "no-such-study")
-    assert code != 0 and "no-such-study" in error_line(err)
+    assert_one_line_error(code, err, "no-such-study")
 
     code, _, err = run_cli("register", project, "--set", "registry.gate_metric=bleu_of_nothing")
-    assert code != 0 and "gate_metric" in error_line(err)
+    assert_one_line_error(code, err, "gate_metric")
     assert mlflow.MlflowClient().search_registered_models() == []
-    assert not mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                  filter_string="tags.`loraflow.stage` = 'register'")
+    assert not runs_of("register")
 
 
 def test_a_failure_while_registering_leaves_nothing_registered(tiny_llama, write_project, monkeypatch):

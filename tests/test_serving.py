@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import mlflow
 import pandas as pd
 import pytest
+from helpers import assert_one_line_error
 from mlflow.exceptions import MlflowException
 
 from loraflow import LoraflowError, serving, tracking
@@ -149,8 +150,8 @@ def test_pyfunc_checks_params_and_input_in_process(logged_model):
 
 def test_serve_without_a_registered_model_is_a_one_line_error(tiny_llama, write_project, run_cli):
     code, _, err = run_cli("serve", write_project(tiny_llama), "--port", str(free_port()))
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "models:/tiny@champion" in errors[0]
+    assert code == 2, err
+    assert_one_line_error(code, err, "models:/tiny@champion")
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_end(generator, monkeypatch):

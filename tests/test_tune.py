@@ -9,6 +9,7 @@ import sys
 import mlflow
 import optuna
 import pytest
+from helpers import assert_one_line_error, runs_of
 
 from loraflow import train, tune
 from loraflow.config import load_config
@@ -24,23 +25,17 @@ def tune_project(tiny_llama, write_project):
     return project
 
 
-def runs(stage: str) -> list:
-    return mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time"],
-                              filter_string=f"tags.`loraflow.stage` = '{stage}'")
-
-
 def trial_run(number: int, study: str = "tiny"):
-    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
-        f"tags.`loraflow.study` = '{study}' and tags.`loraflow.trial_number` = '{number}' "
-        "and tags.`loraflow.stage` = 'train'"))
+    [run] = [r for r in runs_of("train") if r.data.tags.get("loraflow.study") == study
+             and r.data.tags.get("loraflow.trial_number") == str(number)]
     return run
 
 
 def test_trials_are_nested_runs_and_the_study_run_names_the_best(tune_project, run_cli):
     code, out, err = run_cli("tune", tune_project(), "--n-trials", "3")
     assert code == 0, err
-    [study_run] = runs("tune")
-    trials = runs("train")
+    [study_run] = runs_of("tune")
+    trials = runs_of("train", oldest_first=True)
     assert len(trials) == 3
     for run in trials:
         assert run.data.tags["mlflow.parentRunId"] == study_run.info.run_id
@@ -73,7 +68,7 @@ def test_a_pruned_trial_is_killed_in_mlflow_and_pruned_in_optuna(tune_project, m
     assert pruned.info.status == "KILLED" and pruned.data.tags["loraflow.trial_state"] == "PRUNED"
     assert study.trials[0].user_attrs["mlflow_run_id"] == pruned.info.run_id
     assert result.best_trial == 1 and result.counts["PRUNED"] == 1
-    [study_run] = runs("tune")
+    [study_run] = runs_of("tune")
     assert study_run.data.metrics["tune/trials_pruned"] == 1
 
 
@@ -93,7 +88,7 @@ def test_a_failing_trial_is_recorded_failed_and_the_study_goes_on(tune_project, 
     failed = trial_run(0)
     assert failed.info.status == "FAILED" and failed.data.tags["loraflow.trial_state"] == "FAILED"
     assert "simulated out of memory" in failed.data.tags["loraflow.error"]
-    [study_run] = runs("tune")
+    [study_run] = runs_of("tune")
     assert study_run.info.status == "FINISHED"
     assert study_run.data.tags["loraflow.best_run_id"] == trial_run(1).info.run_id
     assert study_run.data.metrics["tune/trials_failed"] == 1 and study_run.data.metrics["tune/trials_complete"] == 1
@@ -106,15 +101,15 @@ def test_a_study_where_no_trial_completes_fails(tune_project, run_cli, monkeypat
     code, _, err = run_cli("tune", tune_project(), "--n-trials", "2")
     assert code == 2
     assert err.strip().splitlines()[-1] == "error: no trial of study 'tiny' completed (first failure: broken)"
-    [study_run] = runs("tune")
+    [study_run] = runs_of("tune")
     assert study_run.info.status == "FAILED"
-    assert {run.info.status for run in runs("train")} == {"FAILED"}
+    assert {run.info.status for run in runs_of("train")} == {"FAILED"}
 
 
 def test_an_evaluation_metric_objective_evaluates_each_trial_in_a_nested_run(tune_project):
     cfg = load_config(str(tune_project(objective="tuned/rougeL", direction="maximize")))
     result = tune.run(cfg, n_trials=1)
-    [trial], [evaluation], [study_run] = runs("train"), runs("evaluate"), runs("tune")
+    [trial], [evaluation], [study_run] = runs_of("train"), runs_of("evaluate"), runs_of("tune")
     assert evaluation.data.tags["mlflow.parentRunId"] == trial.info.run_id
     assert trial.info.status == evaluation.info.status == "FINISHED"
     assert result.best_run_id == trial.info.run_id
@@ -131,8 +126,8 @@ def test_resuming_a_study_adds_trials_from_the_whole_search_space(tune_project, 
         assert code == 0, err
     study = tune.load_study("again")
     assert [t.number for t in study.trials] == [0, 1] and {t.state.name for t in study.trials} == {"COMPLETE"}
-    assert len(runs("tune")) == 2 and len(runs("train")) == 2
-    for run in runs("train"):
+    assert len(runs_of("tune")) == 2 and len(runs_of("train")) == 2
+    for run in runs_of("train", oldest_first=True):
         params = run.data.params
         assert (params["lora.r"], params["lora.alpha"], params["lora.dropout"]) == ("4", "2", "0.1")
         assert json.loads(params["lora.target_modules"]) == ["q_proj", "v_proj"]
@@ -151,9 +146,9 @@ def test_two_worker_processes_share_one_study(tune_project, tmp_path):
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
     assert {t.state.name for t in study.trials} == {"COMPLETE"}
     run_ids = {t.user_attrs["mlflow_run_id"] for t in study.trials}
-    assert run_ids == {run.info.run_id for run in runs("train")}
-    assert {run.info.status for run in runs("train")} == {"FINISHED"}
-    study_runs = runs("tune")
+    assert run_ids == {run.info.run_id for run in runs_of("train")}
+    assert {run.info.status for run in runs_of("train")} == {"FINISHED"}
+    study_runs = runs_of("tune")
     assert len(study_runs) == 2 and {run.data.tags["loraflow.study"] for run in study_runs} == {"shared"}
 
 
@@ -168,12 +163,12 @@ def test_two_worker_processes_share_one_study(tune_project, tmp_path):
 def test_bad_input_is_one_error_line_before_any_run(tune_project, run_cli, tmp_path, args, expected):
     code, out, err = run_cli("tune", tune_project(), *args)
     assert code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.strip().endswith(errors[0]) and "Traceback" not in err, err
+    line = assert_one_line_error(code, err)
+    assert err.strip().endswith(line), err
     for text in expected:
-        assert text in errors[0]
+        assert text in line
     store_created = (tmp_path / "mlflow.db").exists()  # config errors stop before the store is opened
-    assert not store_created or not mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert not store_created or not runs_of()
     journal = tmp_path / "optuna-journal.log"
     assert not journal.exists() or not optuna.study.get_all_study_names(tune.open_storage(str(journal)))
 
@@ -183,4 +178,4 @@ def test_a_study_keeps_its_direction(tune_project, run_cli, tmp_path):
                         storage=tune.open_storage(str(tmp_path / "optuna-journal.log")))
     code, _, err = run_cli("tune", tune_project(), "--n-trials", "1")
     assert code == 2 and "study 'tiny' was created to maximize, but tune.direction is minimize" in err
-    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert not runs_of()
