@@ -185,3 +185,42 @@ def test_passwords_in_urls_are_recorded_as_stars(tiny_llama, write_project, run_
         f"runs:/{run.info.run_id}/config/resolved.yaml")
     assert "hunter2" not in recorded
     assert run.data.params["tune.storage"] == "postgresql://trainer:***@db.example/optuna"
+
+
+def failing_log_batch(monkeypatch, failures: int | None):
+    """Make the per-step metric writes of training fail like a locked sqlite store: the first `failures`
+    of them (None: all)."""
+    original, calls = mlflow.MlflowClient.log_batch, {"n": 0}
+
+    def locked(self, run_id, metrics=(), *args, **kwargs):
+        if not any(m.key in ("train/loss", "eval/loss") for m in metrics):
+            return original(self, run_id, metrics, *args, **kwargs)
+        calls["n"] += 1
+        if failures is None or calls["n"] <= failures:
+            raise mlflow.exceptions.MlflowException("(sqlite3.OperationalError) database is locked")
+        return original(self, run_id, metrics, *args, **kwargs)
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", locked)
+    return calls
+
+
+def test_a_locked_store_delays_metrics_and_loses_none(tiny_llama, write_project, run_cli, monkeypatch):
+    project = write_project(tiny_llama, train={"max_steps": 6, "eval_steps": 2})
+    calls = failing_log_batch(monkeypatch, failures=4)
+    code, _, err = run_cli("train", project)
+    assert code == 0, err
+    assert calls["n"] > 4
+    [run] = runs_of("train")
+    assert run.info.status == "FINISHED"
+    assert steps_logged(run.info.run_id) == [1, 2, 3, 4, 5, 6]
+    assert steps_logged(run.info.run_id, "eval/loss") == [2, 4, 6]
+
+
+def test_a_store_gone_too_long_checkpoints_and_fails_the_run(tiny_llama, write_project, run_cli, monkeypatch):
+    project = write_project(tiny_llama, train={"max_steps": 6, "save_steps": 100, "store_outage_seconds": 0})
+    failing_log_batch(monkeypatch, failures=None)
+    code, _, err = run_cli("train", project)
+    assert_one_line_error(code, err, "the tracking store has not answered")
+    [run] = runs_of("train")
+    assert run.info.status == "FAILED"
+    checkpoints = list(Path(run.data.tags["loraflow.output_dir"]).glob(f"checkpoint-*/{train.COMPLETE_MARKER}"))
+    assert len(checkpoints) == 1, "the run stops at the first failed write, after saving a checkpoint"

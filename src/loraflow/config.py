@@ -109,6 +109,8 @@ class TrainConfig:
     eval_rows: int = opt(64, "validation rows used for eval/loss during training (0: all)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     price_per_hour: float = opt(0.0, "USD per hour of this machine, for train/cost_usd; 0 on a local CPU")
+    store_outage_seconds: float = opt(600.0, "how long metric writes wait out an unanswering tracking store before "
+                                             "the run checkpoints and fails")
     output_dir: str = opt("outputs", "checkpoints and adapters go to <output_dir>/<name>/<run id>")
 
 

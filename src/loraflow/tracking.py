@@ -307,6 +307,56 @@ def first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+# --- metric writes that survive a busy or restarting store ---------------------------------------
+
+class StoreUnavailable(LoraflowError):
+    """The tracking store did not answer for longer than the configured limit."""
+
+
+class MetricBuffer:
+    """Metric writes for one run that wait out a busy store ("database is locked", a server restarting).
+
+    `log(metrics, step)` queues the values and sends everything queued in one batch; when the store
+    fails, the values stay queued and go with the next write. Once the store has failed for longer
+    than `outage_seconds`, `log` raises StoreUnavailable (the caller checkpoints and stops).
+    """
+
+    def __init__(self, run_id: str, outage_seconds: float):
+        self.run_id, self.outage_seconds = run_id, outage_seconds
+        self.pending: list = []
+        self.failing_since: float | None = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        try:
+            while self.pending:  # in MLflow's batches of at most 1000; a sent batch is never sent again
+                mlflow.MlflowClient().log_batch(self.run_id, metrics=self.pending[:1000])
+                del self.pending[:1000]
+        except Exception as exc:  # noqa: BLE001 - whatever the store raised, the values wait
+            self.failing_since = self.failing_since or time.monotonic()
+            down = time.monotonic() - self.failing_since
+            if down > self.outage_seconds:
+                raise StoreUnavailable(f"the tracking store has not answered for {down:.0f} s "
+                                       f"({redact(first_line(exc))[:200]})") from None
+            return
+        self.failing_since = None
+
+    def drain(self) -> None:
+        """Send everything still queued, waiting for the store up to the outage limit."""
+        self.flush()
+        while self.pending:
+            time.sleep(1.0)
+            self.flush()
+
+
 # --- heartbeats: telling a killed run from a running one ------------------------------------------
 
 def heartbeat_seconds() -> float:

@@ -84,21 +84,29 @@ def loraflow_callback(cfg: Config, tokenizer, eval_rows: list[dict], state: dict
     """
     from transformers import TrainerCallback
 
+    def write(control, metrics: dict, step: int) -> None:
+        """Buffered: a busy store delays the values; one gone too long stops training after a checkpoint."""
+        try:
+            state["metrics"].log(metrics, step)
+        except tracking.StoreUnavailable as exc:
+            state["store_error"] = exc
+            control.should_save = control.should_training_stop = True
+
     class LoraflowCallback(TrainerCallback):
         def on_log(self, args, trainer_state, control, logs=None, **kwargs):
             metrics = {TRAINER_METRICS[k]: float(v) for k, v in (logs or {}).items() if k in TRAINER_METRICS}
             if metrics and trainer_state.global_step > state["logged_through"]:  # never a step twice
-                mlflow.log_metrics(metrics, step=trainer_state.global_step)
+                write(control, metrics, trainer_state.global_step)
 
         def on_step_end(self, args, trainer_state, control, model=None, **kwargs):
             step = trainer_state.global_step
             if eval_rows and (step % cfg.train.eval_steps == 0 or step >= trainer_state.max_steps):
                 state["eval"][step] = evaluate_now(model, tokenizer, eval_rows, cfg)
                 if step > state["logged_through"]:
-                    mlflow.log_metric(EVAL_LOSS, state["eval"][step], step=step)
+                    write(control, {EVAL_LOSS: state["eval"][step]}, step)
                 if on_eval:
                     on_eval(step, state["eval"][step])
-            if stopper.signum is not None:
+            if stopper.signum is not None or state.get("store_error"):
                 control.should_save = control.should_training_stop = True
             return control
 
@@ -306,6 +314,7 @@ def run(cfg: Config, *, store: tracking.Store | None = None, resume: bool = Fals
         model, tokenizer = models.load_model(cfg, base_path)
         model = models.attach_lora(model, cfg)
         state = resumed_state(checkpoint, run_id)
+        state["metrics"] = tracking.MetricBuffer(run_id, cfg.train.store_outage_seconds)
         eval_rows = prepared.splits["validation"][:cfg.train.eval_rows or None]
         callback = loraflow_callback(cfg, tokenizer, eval_rows, state, stopper, on_eval)
         trainer = build_trainer(cfg, model, tokenizer, prepared, output_dir, callback)
@@ -314,6 +323,10 @@ def run(cfg: Config, *, store: tracking.Store | None = None, resume: bool = Fals
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if stopper.signum is not None:
             raise Interrupted(stopper.signum, run_id)
+        if state.get("store_error"):
+            raise LoraflowError(f"{state['store_error']}; checkpoint saved: continue with "
+                                f"`loraflow train ... --resume --run-id {run_id}`")
+        state["metrics"].drain()  # values still queued from a busy spell
         metrics = final_metrics(cfg, trainer, state)
         mlflow.log_metrics({k: v for k, v in metrics.items() if k != EVAL_LOSS},  # eval/loss is logged per step
                            step=trainer.state.global_step)
