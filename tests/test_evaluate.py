@@ -192,3 +192,21 @@ def test_evaluate_logs_the_test_split_it_judged_as_a_dataset_input(tiny_llama, w
     [evaluation] = runs_of("evaluate")
     inputs = {(i.dataset.name, i.tags[0].value) for i in evaluation.inputs.dataset_inputs}
     assert inputs == {("tiny-test", "test")}
+
+
+def test_sigterm_during_evaluation_ends_its_run_killed(tiny_llama, write_project, run_cli, monkeypatch):
+    import os
+    import signal
+
+    project = write_project(tiny_llama, train={"max_steps": 1})
+    assert run_cli("train", project)[0] == 0
+
+    def terminated_while_generating(*args, **kwargs):  # a scheduler's SIGTERM arrives mid-stage
+        os.kill(os.getpid(), signal.SIGTERM)
+        return []
+    monkeypatch.setattr(generation, "generate", terminated_while_generating)
+    code, _, err = run_cli("evaluate", project)
+    assert_one_line_error(code, err, "terminated by SIGTERM")
+    assert code == 143
+    [run] = runs_of("evaluate")
+    assert run.info.status == "KILLED"

@@ -163,3 +163,46 @@ def test_a_failure_while_registering_leaves_nothing_registered(tiny_llama, write
     with pytest.raises(RuntimeError):
         registry.register_version(cfg, tracking.connect(cfg=cfg), model_uri, {"gate.metric": "rougeL"}, "card")
     assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def loraflow_register_dirs() -> list:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    return list(Path(tempfile.gettempdir()).glob(f"loraflow-register-{os.getpid()}-*"))
+
+
+def test_an_interrupted_register_leaves_no_version_no_alias_and_no_temp_copy(tiny_llama, write_project, run_cli,
+                                                                             monkeypatch):
+    from loraflow import serving
+
+    project = write_project(tiny_llama, train={"max_steps": 1})
+    assert run_cli("train", project)[0] == 0
+
+    def interrupted(*args, **kwargs):  # Ctrl+C while the merged model is being logged
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(serving, "log_model", interrupted)
+        code, _, err = run_cli("register", project, "--set", "registry.min_improvement=-1")
+    assert code == 130, err
+    [run] = runs_of("register")
+    assert run.info.status == "KILLED"
+    assert not mlflow.MlflowClient().search_registered_models() and not loraflow_register_dirs()
+
+
+def test_a_version_that_does_not_answer_never_takes_the_alias(tiny_llama, write_project, run_cli, monkeypatch):
+    project = write_project(tiny_llama, train={"max_steps": 1}, registry={"min_improvement": -1.0})
+    assert run_cli("train", project)[0] == 0
+    assert run_cli("register", project)[0] == 0
+    assert str(version_with_alias("champion").version) == "1"
+
+    def broken(name, version, prompt):
+        raise registry.LoraflowError(f"{name} version {version} did not answer a test prompt")
+    monkeypatch.setattr(registry, "check_version_answers", broken)
+    code, _, err = run_cli("register", project, "--force")
+    assert_one_line_error(code, err, "did not answer a test prompt")
+    assert set(registered_versions()) == {"1"} and str(version_with_alias("champion").version) == "1"
+    assert not loraflow_register_dirs()
+    [failed, _] = runs_of("register")
+    assert failed.info.status == "FAILED" and "loraflow.registered_version" not in failed.data.tags

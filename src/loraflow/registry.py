@@ -14,8 +14,11 @@ an error: it says why and registers nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,23 +191,79 @@ def model_card(cfg: Config, source, summary: dict, study: str | None) -> str:
     return "\n".join(lines)
 
 
-def register_version(cfg: Config, store: tracking.Store, model_uri: str, tags: dict, description: str):
-    """Register `model_uri`, describe it, move the aliases; on any error remove what was created."""
+def register_version(cfg: Config, store: tracking.Store, model_uri: str, tags: dict, description: str,
+                     probe_prompt: str = "Hello"):
+    """Register `model_uri`, wait until it is READY and answers `probe_prompt`, then move the aliases.
+
+    All or nothing: on any error or interrupt the new version is deleted (the registered model too, if
+    this made it) and the aliases stay where they were.
+    """
     client = store.client()
     champion = current_champion(cfg, store)
     model_existed = bool(client.search_registered_models(f"name = '{cfg.model_name}'"))
     version = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
     try:
         client.update_model_version(cfg.model_name, version.version, description=description)
+        wait_until_ready(client, cfg.model_name, version.version)
+        check_version_answers(cfg.model_name, version.version, probe_prompt)
+        client.set_registered_model_alias(cfg.model_name, cfg.registry.alias, version.version)
         if champion is not None and str(champion.version) != str(version.version):
             client.set_registered_model_alias(cfg.model_name, PREVIOUS_ALIAS, champion.version)
-        client.set_registered_model_alias(cfg.model_name, cfg.registry.alias, version.version)
     except BaseException:
-        client.delete_model_version(cfg.model_name, version.version)
-        if not model_existed:
-            client.delete_registered_model(cfg.model_name)
+        undo_registration(cfg, client, version.version, champion, model_existed)
         raise
     return version, champion
+
+
+def wait_until_ready(client, name: str, version: str, timeout: float = 300) -> None:
+    """Poll the version until the registry says READY; LoraflowError if it fails or never gets there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get_model_version(name, version).status
+        if status == "READY":
+            return
+        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise LoraflowError(f"{name} version {version} did not become READY (status {status})")
+        time.sleep(0.5)
+
+
+def check_version_answers(name: str, version: str, prompt: str) -> None:
+    """Load the registered version as MLflow serves it and ask one prompt; LoraflowError unless it answers."""
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    answers = model.predict(pd.DataFrame({"prompt": [prompt]}), params={"max_new_tokens": 4})
+    if len(answers) != 1 or not isinstance(answers[0], str):
+        raise LoraflowError(f"{name} version {version} did not answer a test prompt (got {answers!r:.100})")
+
+
+def undo_registration(cfg: Config, client, version: str, champion, model_existed: bool) -> None:
+    """Put the registry back as it was before `version` was registered."""
+    with contextlib.suppress(MlflowException):
+        client.delete_model_version(cfg.model_name, version)
+    if champion is not None:
+        with contextlib.suppress(MlflowException):
+            client.set_registered_model_alias(cfg.model_name, cfg.registry.alias, champion.version)
+    elif not model_existed:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(cfg.model_name)
+
+
+def probe_prompt(cfg: Config, prepared) -> str:
+    """A held-out prompt for the registered version's test prediction."""
+    from loraflow import data
+
+    prepared = prepared or data.prepare(cfg)
+    rows = prepared.splits["test"] or prepared.splits["validation"] or prepared.splits["train"]
+    return rows[0].get("prompt") or " ".join(rows[0]["text"].split()[:16])
+
+
+def remove_abandoned_workdirs() -> None:
+    """Delete merge folders left by register processes that were killed outright (their pid is gone)."""
+    for folder in Path(tempfile.gettempdir()).glob("loraflow-register-*-*"):
+        pid = folder.name.split("-")[2]
+        if pid.isdigit() and not tracking.process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def download_adapter(source_run_id: str) -> Path:
@@ -227,7 +286,8 @@ def run(cfg: Config, *, store: tracking.Store | None = None, from_run: str | Non
     source_run_id = source.info.run_id
     adapter_dir = download_adapter(source_run_id)
     base_path = base_path or models.resolve_model_path(cfg.model.name, cfg)
-    workdir = Path(tempfile.mkdtemp(prefix="loraflow-register-"))
+    remove_abandoned_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=f"loraflow-register-{os.getpid()}-"))
     try:
         with tracking.stage_run(cfg, "register", store, parent_run_id=parent_run_id,
                                 tags={Tags.SOURCE_RUN_ID: source_run_id, **(tags or {})}) as active:
@@ -245,7 +305,8 @@ def run(cfg: Config, *, store: tracking.Store | None = None, from_run: str | Non
             info = serving.log_model(cfg, merged_dir)
             card = model_card(cfg, source, summary, from_study)
             labels = version_tags(cfg, source, summary, from_study, force and not passed, active.info.run_id)
-            version, previous = register_version(cfg, store, info.model_uri, labels, card)
+            version, previous = register_version(cfg, store, info.model_uri, labels, card,
+                                                 probe_prompt(cfg, prepared))
             mlflow.set_tag(Tags.REGISTERED_VERSION, version.version)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
