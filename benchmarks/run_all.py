@@ -19,7 +19,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 DOCS = BENCH_DIR.parent / "docs" / "benchmarks.md"
-ORDER = ("train", "memory", "generate", "serving", "tune")
+ORDER = ("train", "memory", "generate", "serving", "tune", "load")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 LOADED_AT = 1.0  # 1-minute load average on this 2-core machine from which we call the machine loaded
 

@@ -21,6 +21,7 @@ SPECIFIC_KEYS = {
     "generate": {"speedup_vs_naive_fp32", "identity", "seconds_median"},
     "serving": {"latency_http_vs_in_process", "throughput_many_vs_one", "server_startup_seconds"},
     "tune": {"time_to_target_no_pruning_over_pruning", "wall_no_pruning_over_pruning", "rounds"},
+    "load": {"ratio", "counts", "server_rss_mb"},
 }
 EXTRA_ARGS = {"memory": ["--configs", "nf4"]}
 
@@ -55,6 +56,9 @@ def test_benchmark_smoke_writes_results(name, tmp_path, monkeypatch, bench_store
     assert record["summary"] and all(isinstance(line, str) for line in record["summary"])
     if name == "generate":
         assert record["identity"]["mismatches"] == 0
+    if name == "load":  # answers, not timings: every bad request a 4xx, no good one a 5xx, none lost
+        assert record["counts"]["requests"] > 0 and record["counts"]["bad"] > 0
+        assert record["counts"]["good_5xx"] == record["counts"]["bad_not_4xx"] == record["counts"]["lost"] == 0
     if name == "train":
         assert record["loss"]["heldout"]["loraflow"] > 0 and record["loss"]["heldout"]["baseline"] > 0
     shutil.copy(tmp_path / f"{name}-smoke.json", table_dir / f"{name}.json")
