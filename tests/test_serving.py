@@ -250,3 +250,14 @@ def test_serve_command_passes_workers_and_timeout_to_mlflow():
     assert "--workers 1" in " ".join(default) and "--timeout" not in default
     with pytest.raises(LoraflowError):
         serving.serve_command("models:/tiny@champion", "127.0.0.1", 5001, workers=0)
+
+
+def test_predict_answers_with_the_registered_model_without_a_server(tiny_llama, write_project, run_cli):
+    project = write_project(tiny_llama, train={"max_steps": 1}, registry={"min_improvement": -1.0})
+    assert run_cli("train", project)[0] == 0
+    assert run_cli("register", project)[0] == 0
+    code, out, err = run_cli("predict", project, "Describe: Oak lamp", "Describe: Blue mug", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert len(out.rstrip("\n").split("\n")) == 2
+    code, _, err = run_cli("predict", project, "hi", "--model-uri", "models:/tiny@nobody")
+    assert_one_line_error(code, err, "no model at models:/tiny@nobody")

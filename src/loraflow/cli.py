@@ -27,8 +27,8 @@ def project_options(func):
     @click.argument("project")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a config value, e.g. --set train.max_steps=5 (repeatable).")
-    @click.option("--overrides", "overrides_text", default="", metavar="'K=V K=V'", help="Space-separated overrides in one "
-                  "string (what MLproject entry points pass); applied before --set.")
+    @click.option("--overrides", "overrides_text", default="", hidden=True,  # what MLproject entry points pass
+                  help="Space-separated overrides in one string; applied before --set.")
     @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                   "else the local sqlite store of mlruns_config/local.yaml).")
     @click.option("--experiment", default=None, help="MLflow experiment name (default: the project's name).")
@@ -76,7 +76,8 @@ def prepare(cfg, store):
 
 @cli.command()
 @project_options
-@click.option("--resume", is_flag=True, help="Continue the latest (or --run-id) training run from its checkpoint.")
+@click.option("--resume", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              help="Continue the interrupted (or --run-id) training run from its checkpoint.")
 @click.option("--run-id", default=None, help="With --resume: the MLflow run to continue.")
 def train(cfg, store, resume, run_id):
     """Train a LoRA/QLoRA adapter (SFT or CPT).
@@ -130,7 +131,8 @@ def tune(cfg, store, n_trials, study_name, storage):
 @project_options
 @click.option("--from-run", default=None, help="Training run whose adapter to register.")
 @click.option("--from-study", default=None, help="Register the best trial of this Optuna study.")
-@click.option("--force", is_flag=True, help="Register even if the promotion gate refuses.")
+@click.option("--force", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              help="Register even if the promotion gate refuses.")
 def register(cfg, store, from_run, from_study, force):
     """Merge, gate and register the winning adapter.
 
@@ -186,6 +188,41 @@ class Terminated(KeyboardInterrupt):
 
 def terminated(signum, frame):
     raise Terminated("terminated by SIGTERM")
+
+
+@cli.command()
+@project_options
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("--model-uri", default=None, help="Default: models:/<registry.model_name>@<registry.alias>.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0: greedy.")
+def predict(cfg, store, prompts, model_uri, max_new_tokens, temperature):
+    """Answer prompts with the registered model, without a server.
+
+    Loads the model as `mlflow models serve` would and prints one answer per prompt:
+
+    \b
+    loraflow predict quickstart "Write a product description for: Oak desk lamp"
+    """
+    from loraflow import serving
+
+    params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "do_sample": temperature > 0}
+    for answer in serving.predict(cfg, store, list(prompts), model_uri=model_uri, params=params):
+        click.echo(answer)
+
+
+@cli.command()
+@project_options
+@click.option("--limit", default=20, show_default=True, type=int, help="How many runs, newest first.")
+def runs(cfg, store, limit):
+    """Compare the project's training runs in a table.
+
+    The settings that differ between runs, eval/loss, evaluation deltas with their 95% intervals,
+    tokens/s and cost; tune trials are marked with their study and trial number.
+    """
+    from loraflow import compare
+
+    click.echo(compare.table_text(compare.training_rows(store, limit)))
 
 
 @cli.command("config")

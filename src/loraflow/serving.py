@@ -362,6 +362,20 @@ def wait_until_ready(url: str, timeout: float = 120, process: subprocess.Popen |
     raise LoraflowError(f"the model server at {url} was not ready after {timeout:.0f} s")
 
 
+def predict(cfg: Config, store: tracking.Store, prompts: list[str], *, model_uri: str | None = None,
+            params: dict | None = None) -> list[str]:
+    """`loraflow predict`: load the registered model as the server would and answer `prompts` in-process."""
+    import pandas as pd
+
+    model_uri = model_uri or default_model_uri(cfg)
+    check_model_exists(model_uri, store)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+        return [str(a) for a in model.predict(pd.DataFrame({"prompt": prompts}), params=params or {})]
+    except MlflowException as exc:
+        raise LoraflowError(f"{model_uri}: {tracking.first_line(exc)}") from None
+
+
 def predict_over_http(url: str, prompts: list[str], params: dict | None = None, timeout: float = 300) -> list[str]:
     """POST prompts to `url`/invocations and return the predictions (one string per prompt)."""
     payload = {"dataframe_records": [{"prompt": p} for p in prompts], "params": params or {}}

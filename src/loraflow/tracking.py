@@ -196,6 +196,11 @@ def artifact_location_for(uri: str, experiment: str) -> str | None:
     return (root / experiment).resolve().as_uri()
 
 
+# MLflow 3's UI opens an experiment by its kind; "finetuning" is a model-training kind (runs, charts,
+# models), where an untagged experiment may open on the GenAI view (traces, judges).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "finetuning"
+
+
 def get_or_create_experiment(uri: str, name: str) -> str:
     """The id of experiment `name` in the store at `uri`, created (with a local artifact folder) if new."""
     client = mlflow.MlflowClient(uri)
@@ -204,7 +209,8 @@ def get_or_create_experiment(uri: str, name: str) -> str:
         if experiment is not None:
             return experiment.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=artifact_location_for(uri, name))
+            return client.create_experiment(name, artifact_location=artifact_location_for(uri, name),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except mlflow.exceptions.MlflowException:
             experiment = client.get_experiment_by_name(name)  # created meanwhile by another process?
             if experiment is None:
@@ -245,13 +251,13 @@ def get_run(run_id: str, store: Store | None = None):
 
 # --- lineage, params and the stage run -----------------------------------------------------------
 
-def git_sha() -> str:
+def git_sha(folder: Path | None = None) -> str:
     """The commit of the code that runs; uncommitted changes to the package add a hash of their diff
     (`<sha>-dirty-<hash>`), so two different edits never pass for each other. Outside git: `loraflow-<version>`."""
     from loraflow import __version__
 
     def git(*args):
-        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, timeout=10)
+        return subprocess.run(["git", *args], cwd=folder or Path(__file__).parent, capture_output=True, timeout=10)
     try:
         sha = git("rev-parse", "HEAD")
         if sha.returncode != 0:
