@@ -44,8 +44,8 @@ def test_evaluate_logs_metrics_details_artifacts_and_links(tiny_llama, write_pro
     assert len(details) == 4 * 2 and {d["seed"] for d in details} == {0, 1}
     assert any(d["base_output"] != d["tuned_output"] for d in details)
     assert {"prompt", "reference", "base_rougeL", "tuned_rougeL"} <= set(details[0])
-    assert {"eval/details.jsonl", "eval/side_by_side.csv", "eval/summary.json", "eval/details_table.json",
-            "plots/eval_metrics.png"} <= artifact_paths(run.info.run_id)
+    assert {"eval/details.jsonl", "eval/side_by_side.csv", "eval/improved_examples.csv", "eval/summary.json",
+            "eval/details_table.json", "plots/eval_metrics.png"} <= artifact_paths(run.info.run_id)
     summary = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/eval/summary.json")
     assert summary["metrics"] == pytest.approx(run.data.metrics) and summary["counts"]["items"] == 4
     assert run.data.tags["loraflow.evaluated_run_id"] == trained.info.run_id
@@ -210,3 +210,17 @@ def test_sigterm_during_evaluation_ends_its_run_killed(tiny_llama, write_project
     assert code == 143
     [run] = runs_of("evaluate")
     assert run.info.status == "KILLED"
+
+
+def test_improved_examples_are_the_items_tuned_beats_base_most():
+    import pandas as pd
+
+    frame = pd.DataFrame({"seed": [0] * 4 + [1] * 4, "index": [0, 1, 2, 3] * 2, "prompt": list("abcd") * 2,
+                          "reference": list("ABCD") * 2, "base_output": list("wxyz") * 2,
+                          "tuned_output": list("WXYZ") * 2,
+                          "base_rougeL": [0.5, 0.1, 0.9, 0.2] * 2,
+                          "tuned_rougeL": [0.6, 0.8, 0.1, 0.2, 0.6, 0.6, 0.1, 0.2]})
+    best = evaluate.improved_examples(frame, "rougeL")
+    assert list(best["index"]) == [1, 0]  # item 1 gains 0.6 on average, item 0 0.1; 2 gets worse, 3 ties
+    assert best["gain_rougeL"].tolist() == pytest.approx([0.6, 0.1])
+    assert list(best["tuned_output"]) == ["X", "W"]

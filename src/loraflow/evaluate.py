@@ -27,6 +27,7 @@ from loraflow.config import Config
 from loraflow.tracking import Tags, role_key
 
 ROLES = ("base", "tuned")
+IMPROVED_EXAMPLES = 10  # rows of eval/improved_examples.csv
 
 
 @dataclass
@@ -274,6 +275,8 @@ def log_results(cfg: Config, names: list[str], summary: dict, details: list[dict
     frame = pd.DataFrame(details, columns=["seed", "index", "prompt", "reference", "base_output", "tuned_output"]
                          + [f"{role}_{name}" for name in names for role in ROLES])
     mlflow.log_text(frame.to_csv(index=False), "eval/side_by_side.csv")
+    if names and details:
+        mlflow.log_text(improved_examples(frame, names[0]).to_csv(index=False), "eval/improved_examples.csv")
     mlflow.log_dict({"metrics": summary, "counts": counts}, "eval/summary.json")
     if details:
         mlflow.log_table(data=frame, artifact_file="eval/details_table.json")
@@ -281,13 +284,29 @@ def log_results(cfg: Config, names: list[str], summary: dict, details: list[dict
         tracking.log_figure_png(plot_metrics(summary, names, f"{cfg.name}: base vs tuned"), "plots/eval_metrics.png")
 
 
+def improved_examples(frame, metric: str, count: int = IMPROVED_EXAMPLES):
+    """The items where the tuned model beats the base most on `metric` (mean over seeds), with both answers."""
+    per_item = frame.groupby("index").agg(prompt=("prompt", "first"), reference=("reference", "first"),
+                                          base_output=("base_output", "first"), tuned_output=("tuned_output", "first"),
+                                          base_score=(f"base_{metric}", "mean"), tuned_score=(f"tuned_{metric}", "mean"))
+    per_item["gain"] = per_item["tuned_score"] - per_item["base_score"]
+    best = per_item[per_item["gain"] > 0].sort_values("gain", ascending=False, kind="stable").head(count)
+    return best.reset_index().rename(columns={"base_score": f"base_{metric}", "tuned_score": f"tuned_{metric}",
+                                              "gain": f"gain_{metric}"})
+
+
 def link_training_run(store: tracking.Store, train_run_id: str, evaluation_run_id: str, summary: dict) -> None:
-    """Tag the judged run with this evaluation and copy the headline deltas onto it."""
+    """Tag the judged run with this evaluation, copy the headline deltas onto it, and give its adapter's
+    logged model (if it has one) these figures, so MLflow's model views show them."""
     client = store.client()
-    client.set_tag(train_run_id, tracking.Tags.LATEST_EVALUATION_RUN_ID, evaluation_run_id)
-    for key, value in tracking.evaluation_means(summary).items():
+    client.set_tag(train_run_id, Tags.LATEST_EVALUATION_RUN_ID, evaluation_run_id)
+    means = tracking.evaluation_means(summary)
+    for key, value in means.items():
         if key.startswith("delta/"):
             client.log_metric(train_run_id, key, value)
+    model_id = client.get_run(train_run_id).data.tags.get(Tags.ADAPTER_MODEL_ID)
+    if model_id and means:
+        mlflow.log_metrics(means, model_id=model_id)
 
 
 def summary_line(summary: dict) -> str:

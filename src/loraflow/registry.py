@@ -303,6 +303,7 @@ def run(cfg: Config, *, store: tracking.Store | None = None, from_run: str | Non
                 return RegisterResult(active.info.run_id, source_run_id, False,
                                       f"not registered: {why} (--force registers anyway)", summary=summary)
             info = serving.log_model(cfg, merged_dir)
+            mlflow.log_metrics(tracking.evaluation_means(summary), model_id=info.model_id)  # the model's own figures
             card = model_card(cfg, source, summary, from_study)
             labels = version_tags(cfg, source, summary, from_study, force and not passed, active.info.run_id)
             version, previous = register_version(cfg, store, info.model_uri, labels, card,

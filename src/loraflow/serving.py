@@ -267,15 +267,18 @@ def pip_requirements() -> list[str]:
 def log_model(cfg: Config, merged_dir: str | Path, name: str = "model"):
     """Log the merged folder as a `TextGenerator` pyfunc in the active run; returns the ModelInfo.
 
-    loraflow's own source goes along as code_paths, so the serving environment needs only the
-    pip requirements, not loraflow installed.
+    The model is logged from code (served_model.py) with an input example; loraflow's own source goes
+    along as code_paths, so the serving environment needs only the pip requirements, not loraflow.
     """
+    import pandas as pd
+
     import loraflow
 
+    package = Path(loraflow.__file__).parent
     return mlflow.pyfunc.log_model(
-        name=name, python_model=TextGenerator(), artifacts={"model": str(merged_dir)},
-        signature=model_signature(cfg), pip_requirements=pip_requirements(), model_config=saved_settings(cfg),
-        code_paths=[str(Path(loraflow.__file__).parent)])
+        name=name, python_model=str(package / "served_model.py"), artifacts={"model": str(merged_dir)},
+        signature=model_signature(cfg), input_example=pd.DataFrame({"prompt": ["Hello"]}),
+        pip_requirements=pip_requirements(), model_config=saved_settings(cfg), code_paths=[str(package)])
 
 
 def default_model_uri(cfg: Config) -> str:
