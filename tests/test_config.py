@@ -32,14 +32,14 @@ def project(tmp_path) -> Path:
 
 def test_overrides_are_converted_to_the_field_types(project):
     cfg = load_config(str(project), ["lora.r=4", "train.learning_rate=3e-4", "train.epochs=2",
-                                     "lora.target_modules=[q_proj, v_proj]", "data.packing=true",
+                                     "lora.target_modules=[q_proj, v_proj]", "data.packing=rows",
                                      "eval.seeds=[0, 1, 2]", "lora.layers_to_transform=[1]",
                                      "data.prompt_template=Title: {title}"])
     assert cfg.lora.r == 4 and isinstance(cfg.lora.r, int)
     assert cfg.train.learning_rate == 3e-4 and isinstance(cfg.train.learning_rate, float)
     assert cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
-    assert cfg.data.packing is True
+    assert cfg.data.packing == "rows"
     assert cfg.eval.seeds == [0, 1, 2] and cfg.lora.layers_to_transform == [1]
     assert cfg.data.prompt_template == "Title: {title}"
 
@@ -68,7 +68,7 @@ def test_validation_reports_every_problem_in_one_message(project):
     ("train.learning_rate=0", "train.learning_rate: must be > 0"),
     ("lora.dropout=1.5", "lora.dropout: must be in [0, 1)"),
     ("train.batch_size=2.5", "train.batch_size: expected int"),
-    ("data.packing=maybe", "data.packing: expected bool"),
+    ("data.packing=maybe", "data.packing: 'maybe' is not one of none, constant, rows"),
     ("data.val_fraction=0.95", "data.val_fraction + data.test_fraction"),
     ("eval.seeds=[]", "eval.seeds: expected a non-empty list"),
     ("lora.layers_to_transform=[-1]", "lora.layers_to_transform"),
@@ -261,7 +261,7 @@ def test_a_field_and_its_template_both_overridden_are_refused(project):
     (["data.chat_template=false", "data.system_prompt=Be brief."], "data.system_prompt set, but has no effect"),
     (["data.text_field=body"], "data.text_field set, but has no effect: only train.objective=cpt reads raw text"),
     (["train.objective=cpt", "registry.gate_metric=loss", "data.prompt_field=q"], "data.prompt_field set, but has no"),
-    (["train.objective=cpt", "registry.gate_metric=loss", "data.packing=true"], "data.packing set, but has no effect"),
+    (["train.objective=cpt", "registry.gate_metric=loss", "data.packing=rows"], "data.packing set, but has no effect"),
     (["data.path=rows.jsonl", "data.builtin_rows=10"], "data.builtin_rows set, but has no effect"),
     (["tune.pruner=hyperband", "tune.pruner_warmup_steps=5"], "tune.pruner_warmup_steps set, but has no effect"),
 ])

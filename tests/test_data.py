@@ -1,4 +1,5 @@
-"""Data preparation: formats, normalisation, bad-row accounting, splits, labels, packing, CPT blocks."""
+"""Data preparation: formats, normalisation, bad-row accounting, splits, labels, CPT blocks (packing:
+test_packing.py)."""
 from __future__ import annotations
 
 import json
@@ -122,12 +123,8 @@ def test_sft_labels_mask_the_prompt(tiny_llama):
     assert tokenizer.decode(example["labels"][prompt_len:]) == "A mug.<|im_end|>"
 
 
-def test_packing_and_cpt_blocks_have_fixed_length(tiny_llama):
+def test_cpt_blocks_have_fixed_length(tiny_llama):
     tokenizer = load_tokenizer(str(tiny_llama))
-    examples = [{"input_ids": list(range(n)), "labels": [data.IGNORE_INDEX] * 2 + list(range(2, n))}
-                for n in (5, 9, 7, 12)]
-    blocks = data.pack_examples(examples, 8)
-    assert len(blocks) == 33 // 8 and all(len(b["input_ids"]) == 8 == len(b["labels"]) for b in blocks)
     cpt = data.cpt_blocks([{"text": "the red mug " * 30}, {"text": "an oak desk " * 30}], tokenizer, 16)
     assert cpt and all(len(b["input_ids"]) == 16 and b["labels"] == b["input_ids"] for b in cpt)
 

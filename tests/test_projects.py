@@ -55,7 +55,7 @@ def test_quickstart_smoke(tiny_llama, run_cli):
 def test_product_descriptions_tinyllama_smoke(amazon_sample, tiny_llama, run_cli):
     parent = run_smoke(run_cli, "product-descriptions-tinyllama/smoke.yaml", tiny_llama)
     train = step_run(parent, "train")
-    assert train.data.params["data.packing"] == "True" and train.data.params["lora.r"] == "16"
+    assert train.data.params["data.packing"] == "constant" and train.data.params["lora.r"] == "16"
     assert train.data.params["data.chat_template"] == "False"
     evaluation = step_run(parent, "evaluate")
     assert evaluation.data.params["eval.temperature"] == "0.7"

@@ -77,7 +77,8 @@ class DataConfig:
     test_fraction: float = opt(0.1, "share of rows held out for testing (generated answers and their metrics)")
     split_seed: int = opt(42, "seed of the shuffle that splits the rows")
     max_length: int = opt(512, "tokens per training example / block")
-    packing: bool = opt(False, "concatenate SFT examples into max_length blocks instead of grouping")
+    packing: typing.Literal["none", "constant", "rows"] = opt(
+        "none", "SFT: constant (text cut into max_length blocks; rows see each other) or rows (whole rows, apart)")
     builtin_rows: int = opt(240, "rows generated for builtin:catalogue")
 
 
@@ -361,6 +362,18 @@ def type_problem(key: str, value, annotation) -> str | None:
     return f"{key}: expected {names}, got {type(value).__name__} {value!r}"
 
 
+def packing_bool_problem(value) -> str | None:
+    """The one-line problem for data.packing given as a boolean (YAML `true`, or `--set data.packing=true`)."""
+    if isinstance(value, str):
+        with contextlib.suppress(yaml.YAMLError):
+            value = yaml.safe_load(value)
+    if not isinstance(value, bool):
+        return None
+    return (f"data.packing: {str(value).lower()} is not a packing mode: use constant (whole text cut into fixed "
+            "blocks, rows see each other) or rows (whole rows per block, each attending only to itself); "
+            "none turns packing off")
+
+
 def build_section(section_name: str, cls, values, problems: list[str]):
     if not isinstance(values, dict):
         problems.append(f"{section_name}: expected a mapping, got {type(values).__name__}")
@@ -377,6 +390,8 @@ def build_section(section_name: str, cls, values, problems: list[str]):
             with contextlib.suppress(ValueError):  # YAML 1.1 reads `1e-4` (no dot) as a string
                 value = float(value)
         problem = type_problem(f"{section_name}.{key}", value, hints[key])
+        if f"{section_name}.{key}" == "data.packing":
+            problem = packing_bool_problem(value) or problem
         if problem:
             problems.append(problem)
         else:
@@ -453,6 +468,9 @@ def validate(cfg: Config) -> list[str]:
         problems.append("lora.layers_to_transform: expected a list of layer indices >= 0")
     if cfg.model.kind == "seq2seq" and cfg.train.objective == "cpt":
         problems.append("train.objective: cpt needs model.kind=causal")
+    if cfg.model.kind == "seq2seq" and cfg.data.packing != "none":
+        problems.append(f"data.packing: {cfg.data.packing} needs model.kind=causal (a seq2seq example is an "
+                        "encoder input and its decoder labels: there is no text to pack)")
     return problems + metric_problems(cfg) + registry_problems(cfg) + tune_problems(cfg)
 
 

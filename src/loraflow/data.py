@@ -3,14 +3,21 @@
     loraflow prepare quickstart
     prepared = data.prepare(cfg)                       # rows per split + counts + digest
     examples = data.tokenize_sft(rows, tokenizer, cfg)  # prompt tokens masked out of the loss
+    blocks = data.packed_training_examples(rows, tokenizer, cfg)  # what the trainer gets, per data.packing
 
 Supported files: JSON array, JSON lines, CSV, plain text (one record per paragraph), read strictly in
 data.encoding, and the synthetic `builtin:catalogue`. Field values stay as written apart from HTML
 entities (unescaped) and, with data.strip_html, HTML tags. Malformed, empty and duplicate rows are
 dropped and counted; rows that share a prompt go whole into one split.
+
+Packing (data.packing, SFT on causal models) changes what the trainer gets, never the validation rows:
+`constant` joins every row's whole text with eos and cuts fixed blocks (every token learned, rows see
+each other); `rows` packs whole rows into blocks with position ids restarting at each row, so eager, sdpa
+and flex attention keep each row to itself (flash attention only at train.batch_size=1: pad_row_blocks).
 """
 from __future__ import annotations
 
+import bisect
 import codecs
 import csv
 import html
@@ -347,20 +354,24 @@ def fit_to_length(prompt_ids: list[int], target_ids: list[int], max_length: int)
     return prompt_ids[len(prompt_ids) - (max_length - len(target_ids)):], target_ids
 
 
+def sft_token_ids(rows: list[dict], tokenizer, cfg: Config):
+    """(prompt ids, target ids) per row, uncut: the prompt as the model sees it, the target with its end token."""
+    end = end_of_target(tokenizer, cfg)
+    for row in rows:
+        yield (prompt_token_ids(tokenizer, row["prompt"], cfg),
+               tokenizer(row["target"] + end, add_special_tokens=False)["input_ids"])
+
+
 def tokenize_sft(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
     """input_ids/labels per row; labels are -100 on the prompt, so only the target is learned."""
     if cfg.model.kind == "seq2seq":
         return [tokenize_seq2seq(row, tokenizer, cfg) for row in rows]
-    end = end_of_target(tokenizer, cfg)
     examples = []
-    for row in rows:
-        prompt_ids = prompt_token_ids(tokenizer, row["prompt"], cfg)
-        target_ids = tokenizer(row["target"] + end, add_special_tokens=False)["input_ids"]
+    for prompt_ids, target_ids in sft_token_ids(rows, tokenizer, cfg):
         prompt_ids, target_ids = fit_to_length(prompt_ids, target_ids, cfg.data.max_length)
-        input_ids = prompt_ids + target_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids
         if any(label != IGNORE_INDEX for label in labels):
-            examples.append({"input_ids": input_ids, "labels": labels})
+            examples.append({"input_ids": prompt_ids + target_ids, "labels": labels})
     return examples
 
 
@@ -370,35 +381,116 @@ def tokenize_seq2seq(row: dict, tokenizer, cfg: Config) -> dict:
     return {"input_ids": source["input_ids"], "labels": target["input_ids"]}
 
 
-def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
-    """Concatenate examples and cut into full blocks of block_size (the tail shorter than a block is dropped)."""
-    input_ids = [t for e in examples for t in e["input_ids"]]
-    labels = [t for e in examples for t in e["labels"]]
-    blocks = []
-    for start in range(0, len(input_ids) - block_size + 1, block_size):
-        block_labels = labels[start:start + block_size]
-        if any(label != IGNORE_INDEX for label in block_labels):
-            blocks.append({"input_ids": input_ids[start:start + block_size], "labels": block_labels})
-    return blocks or examples
+def fixed_blocks(stream: list[int], block_size: int) -> list[dict]:
+    """`stream` cut into blocks of block_size with labels = input_ids; the tail shorter than a block is dropped."""
+    return [{"input_ids": stream[i:i + block_size], "labels": stream[i:i + block_size]}
+            for i in range(0, len(stream) - block_size + 1, block_size)]
+
+
+def constant_blocks(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
+    """`data.packing: constant`: every row's whole text (the prompt as the model sees it, the target, its end
+    token) joined by eos and cut into blocks of data.max_length; every token is learned, the prompt too.
+
+    Rows see each other: a block starts anywhere in a row and attends to the rows before it in the block."""
+    eos, stream = tokenizer.eos_token_id, []
+    for prompt_ids, target_ids in sft_token_ids(rows, tokenizer, cfg):
+        stream += prompt_ids + target_ids
+        if eos is not None and stream[-1] != eos:  # a target that already ends with eos gets no second one
+            stream.append(eos)
+    return fixed_blocks(stream, cfg.data.max_length)
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins of total length <= capacity (each length <= capacity): longest
+    first, each into the open bin with the least room that still fits it, else into a new bin."""
+    rooms: list[int] = []  # the distinct free rooms of open bins, sorted
+    open_bins: dict[int, list[list[int]]] = {}
+    bins: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(rooms, lengths[index])
+        if at < len(rooms):
+            room = rooms[at]
+            members = open_bins[room].pop()
+            if not open_bins[room]:
+                del open_bins[room], rooms[at]
+        else:
+            room, members = capacity, []
+            bins.append(members)
+        members.append(index)
+        left = room - lengths[index]
+        if left > 0:
+            if left not in open_bins:
+                bisect.insort(rooms, left)
+            open_bins.setdefault(left, []).append(members)
+    return bins
+
+
+def joined_rows(examples: list[dict]) -> dict:
+    """One `rows` block: the examples one after another, position_ids restarting at 0 for each.
+
+    Each row's first label is -100: alone nothing predicts it (the loss shifts by one), in a block the
+    previous row's last token would. It is a prompt token (already -100); this makes certain of it."""
+    block = {"input_ids": [], "labels": [], "position_ids": []}
+    for example in examples:
+        block["input_ids"] += example["input_ids"]
+        block["labels"] += [IGNORE_INDEX] + example["labels"][1:]
+        block["position_ids"] += list(range(len(example["input_ids"])))
+    return block
+
+
+def pack_rows(examples: list[dict], block_size: int) -> list[dict]:
+    """`data.packing: rows`: whole examples (each at most block_size, as tokenize_sft cuts them) packed
+    best-fit-decreasing into blocks of at most block_size tokens; see joined_rows and pad_row_blocks."""
+    bins = best_fit_decreasing([len(e["input_ids"]) for e in examples], block_size)
+    return [joined_rows([examples[i] for i in members]) for members in bins]
+
+
+def pad_row_blocks(blocks: list[dict], pad_token_id: int) -> dict:
+    """A batch of `rows` blocks as tensors: `collate = functools.partial(pad_row_blocks, pad_token_id=0)`.
+
+    Right-padded to the longest block: pad ids, labels -100, position ids 0 (each pad its own one-token
+    sequence). There is no attention_mask: transformers (masking_utils.find_packed_sequence_indices) reads
+    the rows from position_ids only when the mask is None and no cache is passed, and then builds a
+    block-diagonal causal mask for eager, sdpa and flex attention, so a row attends only to itself. Flash
+    attention (2, 3, 4) isolates rows only in a batch of one block (train.batch_size=1): transformers takes
+    packed position_ids as row boundaries only for batch size 1; otherwise a row sees the rows before it in
+    its block. use_cache=False is set because a cache turns the detection off.
+    """
+    import torch
+
+    width = max(len(block["input_ids"]) for block in blocks)
+    padding = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "position_ids": 0}
+    batch = {key: torch.tensor([block[key] + [value] * (width - len(block[key])) for block in blocks])
+             for key, value in padding.items()}
+    return {**batch, "use_cache": False}
 
 
 def cpt_blocks(rows: list[dict], tokenizer, block_size: int) -> list[dict]:
-    """Raw text joined with eos and cut into fixed-length blocks for continued pretraining."""
+    """Raw text joined with eos and cut into fixed-length blocks for continued pretraining (a corpus shorter
+    than a block makes one shorter block)."""
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream = []
     for row in rows:
         stream += tokenizer(row["text"], add_special_tokens=False)["input_ids"] + separator
-    size = min(block_size, len(stream))
-    return [{"input_ids": stream[i:i + size], "labels": stream[i:i + size]}
-            for i in range(0, len(stream) - size + 1, size)]
+    return fixed_blocks(stream, min(block_size, len(stream)))
 
 
 def training_examples(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
-    """Tokenised examples for train.objective: SFT rows (optionally packed) or CPT blocks."""
+    """Tokenised examples for train.objective, never packed: one per SFT row, or CPT blocks.
+
+    Validation loss (generation.validation_loss) is computed on these, so it is per row in every packing mode."""
     if cfg.train.objective == "cpt":
         return cpt_blocks(rows, tokenizer, cfg.data.max_length)
-    examples = tokenize_sft(rows, tokenizer, cfg)
-    return pack_examples(examples, cfg.data.max_length) if cfg.data.packing else examples
+    return tokenize_sft(rows, tokenizer, cfg)
+
+
+def packed_training_examples(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
+    """What the trainer trains on: training_examples packed per data.packing (constant_blocks, pack_rows)."""
+    if cfg.train.objective == "cpt" or cfg.data.packing == "none":
+        return training_examples(rows, tokenizer, cfg)
+    if cfg.data.packing == "constant":
+        return constant_blocks(rows, tokenizer, cfg)
+    return pack_rows(tokenize_sft(rows, tokenizer, cfg), cfg.data.max_length)
 
 
 def run(cfg: Config, store=None) -> PreparedData:

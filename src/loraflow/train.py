@@ -168,19 +168,40 @@ def training_arguments(cfg: Config, output_dir: Path, bf16: bool):
 
 
 def build_trainer(cfg: Config, model, tokenizer, prepared: data.PreparedData, output_dir: Path, callback=None):
-    """A Trainer on the tokenised training split, with loraflow's callback (when given) attached."""
+    """A Trainer on the tokenised (and per data.packing packed) training split, with loraflow's callback attached.
+
+    The plain transformers Trainer, not TRL's SFTTrainer: see training_collator."""
     import datasets
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import Trainer
 
-    train_examples = data.training_examples(prepared.splits["train"], tokenizer, cfg)
+    train_examples = data.packed_training_examples(prepared.splits["train"], tokenizer, cfg)
     if not train_examples:
         raise LoraflowError("no training examples left after tokenisation (check data.max_length)")
     return Trainer(
         model=model, args=training_arguments(cfg, output_dir, models.compute_dtype(cfg) == torch.bfloat16),
         train_dataset=datasets.Dataset.from_list(train_examples),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX),
-        callbacks=[callback] if callback else [])
+        data_collator=training_collator(cfg, model, tokenizer), callbacks=[callback] if callback else [])
+
+
+def training_collator(cfg: Config, model, tokenizer):
+    """Batches of examples padded per row (labels -100), or of `rows` blocks with their position ids.
+
+    TRL is not used (and not a dependency): its bfd packing forces its padding-free collator, which flattens a
+    batch into one row (a (batch x block)^2 mask on eager/sdpa, loraflow's CPU default); its `num_tokens` counts
+    input tokens, not the label tokens `train/tokens` reports; and SFTTrainer swaps in a fused LM head for the loss.
+    """
+    import functools
+
+    from transformers import DataCollatorForSeq2Seq
+
+    if cfg.data.packing != "rows" or cfg.train.objective == "cpt":
+        return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX)
+    attention = getattr(model.config, "_attn_implementation", "") or ""
+    if attention.startswith("flash") and cfg.train.batch_size > 1:
+        warn(f"{attention} keeps packed rows apart only with train.batch_size=1: with "
+             f"{cfg.train.batch_size} blocks a batch, a row attends to the rows before it in its block")
+    return functools.partial(data.pad_row_blocks, pad_token_id=tokenizer.pad_token_id)
 
 
 def peak_memory_mb() -> float:
