@@ -1,25 +1,33 @@
 """`loraflow tune` on the tiny model: nested trial runs, the best run, pruning, failures, resume,
-two worker processes on one study, and bad input refused before anything starts."""
+worker processes sharing one study (one of them killed mid-trial), and bad input refused before
+anything starts."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 from helpers import assert_one_line_error, runs_of
 
-from loraflow import train, tune
+from loraflow import LoraflowError, train, tune
 from loraflow.config import load_config
 
 
 @pytest.fixture
 def tune_project(tiny_llama, write_project):
-    """project(**tune) -> a tiny project YAML whose trials train 2 steps with a validation loss at each."""
-    def project(**tune_section):
-        return write_project(tiny_llama, train={"max_steps": 2, "eval_steps": 1, "save_steps": 50, "eval_rows": 4},
+    """project(train=None, **tune) -> a tiny project YAML whose trials train 2 steps with a validation loss
+    at each (unless `train` says otherwise)."""
+    def project(train=None, **tune_section):
+        return write_project(tiny_llama, train={"max_steps": 2, "eval_steps": 1, "save_steps": 50, "eval_rows": 4,
+                                                **(train or {})},
                              tune={"r_choices": [2, 4], "alpha_multipliers": [1, 2], "lr_low": 1e-3,
                                    "lr_high": 1e-2, "pruner": "none", **tune_section})
     return project
@@ -121,12 +129,13 @@ def test_an_evaluation_metric_objective_evaluates_each_trial_in_a_nested_run(tun
 def test_resuming_a_study_adds_trials_from_the_whole_search_space(tune_project, run_cli):
     project = tune_project(r_choices=[4], alpha_multipliers=[0.5], dropout_choices=[0.1],
                            target_modules_choices=[["q_proj", "v_proj"]], layers_choices=["last:1"])
-    for _ in range(2):
-        code, _, err = run_cli("tune", project, "--study", "again", "--n-trials", "1")
+    for total in (1, 2, 2):  # --n-trials is the study's total: the third call finds it done
+        code, _, err = run_cli("tune", project, "--study", "again", "--n-trials", str(total))
         assert code == 0, err
+    assert "study 'again' already holds 2 trials" in err
     study = tune.load_study("again")
     assert [t.number for t in study.trials] == [0, 1] and {t.state.name for t in study.trials} == {"COMPLETE"}
-    assert len(runs_of("tune")) == 2 and len(runs_of("train")) == 2
+    assert len(runs_of("tune")) == 3 and len(runs_of("train")) == 2
     for run in runs_of("train", oldest_first=True):
         params = run.data.params
         assert (params["lora.r"], params["lora.alpha"], params["lora.dropout"]) == ("4", "2", "0.1")
@@ -135,16 +144,34 @@ def test_resuming_a_study_adds_trials_from_the_whole_search_space(tune_project, 
         assert 1e-3 <= float(params["train.learning_rate"]) <= 1e-2
 
 
-def test_two_worker_processes_share_one_study(tune_project, tmp_path):
-    command = [sys.executable, "-m", "loraflow.cli", "tune", str(tune_project()), "--n-trials", "2",
-               "--study", "shared"]
-    workers = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(2)]
-    outputs = [worker.communicate(timeout=600) for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+def start_worker(project: Path, study: str, n_trials: int, name: str) -> subprocess.Popen:
+    """`loraflow tune` in its own process (one of two on this machine: LORAFLOW_TUNE_WORKERS=2), output
+    to <name>.out / <name>.err beside the project (files, not pipes: a full pipe would block it)."""
+    folder = project.parent
+    command = [sys.executable, "-m", "loraflow.cli", "tune", str(project), "--n-trials", str(n_trials),
+               "--study", study]
+    with open(folder / f"{name}.out", "w") as out, open(folder / f"{name}.err", "w") as err:
+        return subprocess.Popen(command, cwd=folder, stdout=out, stderr=err, text=True,
+                                env={**os.environ, "LORAFLOW_TUNE_WORKERS": "2"})
+
+
+def output_of(worker: subprocess.Popen, project: Path, name: str, timeout: float = 600) -> tuple[str, str]:
+    """Wait for the worker; (stdout, stderr), after checking it exited 0."""
+    code = worker.wait(timeout=timeout)
+    out, err = ((project.parent / f"{name}.{stream}").read_text() for stream in ("out", "err"))
+    assert code == 0, err[-3000:]
+    return out, err
+
+
+def test_two_worker_processes_share_one_study(tune_project):
+    project = tune_project()
+    workers = [start_worker(project, "shared", 4, f"worker{i}") for i in range(2)]
+    outputs = [output_of(worker, project, f"worker{i}") for i, worker in enumerate(workers)]
     study = tune.load_study("shared")
-    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]  # --n-trials 4 is the study's total
     assert {t.state.name for t in study.trials} == {"COMPLETE"}
+    assert {t.user_attrs["worker_pid"] for t in study.trials} <= {worker.pid for worker in workers}
+    assert all("Traceback" not in err for _, err in outputs)
     run_ids = {t.user_attrs["mlflow_run_id"] for t in study.trials}
     assert run_ids == {run.info.run_id for run in runs_of("train")}
     assert {run.info.status for run in runs_of("train")} == {"FINISHED"}
@@ -179,3 +206,150 @@ def test_a_study_keeps_its_direction(tune_project, run_cli, tmp_path):
     code, _, err = run_cli("tune", tune_project(), "--n-trials", "1")
     assert code == 2 and "study 'tiny' was created to maximize, but tune.direction is minimize" in err
     assert not runs_of()
+
+
+def checkpointed_trial(study_name: str, pid: int):
+    """The RUNNING trial of worker `pid` once its training run wrote a complete checkpoint, else None."""
+    try:
+        trials = tune.load_study(study_name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    except LoraflowError:  # the study is not created yet
+        return None
+    for trial in trials:
+        if trial.user_attrs.get("worker_pid") == pid and "mlflow_run_id" in trial.user_attrs:
+            output_dir = mlflow.get_run(trial.user_attrs["mlflow_run_id"]).data.tags.get("loraflow.output_dir")
+            if output_dir and any(Path(output_dir).glob(f"checkpoint-*/{train.COMPLETE_MARKER}")):
+                return trial
+    return None
+
+
+def test_a_worker_killed_mid_trial_has_its_trial_failed_killed_and_retried(tune_project):
+    project = tune_project(train={"max_steps": 50, "eval_steps": 50, "save_steps": 1})  # killed at its first checkpoint
+    doomed, survivor = start_worker(project, "kill", 2, "doomed"), start_worker(project, "kill", 2, "survivor")
+    deadline = time.monotonic() + 300
+    while (killed := checkpointed_trial("kill", doomed.pid)) is None:
+        assert doomed.poll() is None, (project.parent / "doomed.err").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the doomed worker never checkpointed a trial"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            doomed.wait(timeout=0.2)  # the pause between two looks; returns at once should it exit
+    os.kill(doomed.pid, signal.SIGKILL)
+    assert doomed.wait(timeout=60) == -signal.SIGKILL
+    workers = {"survivor": survivor}
+    out, _ = output_of(survivor, project, "survivor")
+    if any(t.state.name in ("RUNNING", "WAITING") for t in tune.load_study("kill").trials):
+        # the survivor ended its trials while the doomed worker still lived: a restarted worker retries
+        workers["restarted"] = start_worker(project, "kill", 2, "restarted")
+        out, _ = output_of(workers["restarted"], project, "restarted")
+    last_worker = list(workers.values())[-1]
+
+    trials = tune.load_study("kill").trials
+    assert sorted(t.number for t in trials) == [0, 1, 2]  # 2 counted trials and the dead one: nothing lost
+    [dead] = [t for t in trials if t.number == killed.number]
+    assert dead.state.name == "FAIL" and dead.user_attrs["worker_pid"] == doomed.pid
+    [retry] = [t for t in trials if t.user_attrs.get("retried_from") == dead.number]  # retried exactly once
+    assert retry.params == dead.params and retry.state.name == "COMPLETE"
+    assert retry.user_attrs["worker_pid"] in {worker.pid for worker in workers.values()}
+    assert sorted(t.state.name for t in trials if t.number != dead.number) == ["COMPLETE", "COMPLETE"]
+    dead_run = mlflow.get_run(dead.user_attrs["mlflow_run_id"])
+    assert dead_run.info.status == "KILLED" and dead_run.data.tags["loraflow.trial_state"] == "FAILED"
+    assert {r.info.run_id for r in runs_of("train")} == {t.user_attrs["mlflow_run_id"] for t in trials}
+    assert {r.info.status for r in runs_of("train") if r.info.run_id != dead_run.info.run_id} == {"FINISHED"}
+    study_runs = {run.data.tags["loraflow.pid"]: run for run in runs_of("tune")}
+    assert study_runs[str(doomed.pid)].info.status == "KILLED"  # the dead worker's study run too
+    last_run = study_runs[str(last_worker.pid)]
+    assert last_run.info.status == "FINISHED"
+    metrics = {key.removeprefix("tune/trials_"): value for key, value in last_run.data.metrics.items()
+               if key.startswith("tune/trials_")}
+    assert metrics == {"complete": 2, "pruned": 0, "failed": 0, "retried": 1, "unfinished": 0, "total": 3}
+    table_numbers = [int(line.split()[0]) for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert sorted(table_numbers) == [0, 1, 2]  # each trial one line of the table
+    assert f"(retried as trial {retry.number})" in out and f"(retry of trial {dead.number})" in out
+    reaper_err = "".join((project.parent / f"{name}.err").read_text() for name in workers)
+    assert f"trial {dead.number}: its worker (pid {doomed.pid} on " in reaper_err
+    assert "its parameters are queued to run again" in reaper_err
+
+
+def test_an_interrupted_trial_runs_again_in_the_next_worker(tune_project, monkeypatch):
+    cfg = load_config(str(tune_project()))
+    real_run = train.run
+
+    def interrupted(cfg, **kwargs):
+        raise train.Interrupted(signal.SIGTERM, kwargs["run_id"])
+    monkeypatch.setattr(train, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune.run(cfg, n_trials=1)
+    monkeypatch.setattr(train, "run", real_run)
+    result = tune.run(cfg, n_trials=1)  # the study's total is 1: the retry of the interrupted trial is it
+    first, second = tune.load_study("tiny").trials
+    assert (first.state.name, second.state.name) == ("FAIL", "COMPLETE")
+    assert second.user_attrs["retried_from"] == 0 and second.params == first.params
+    interrupted_run = trial_run(0)
+    assert interrupted_run.info.status == "KILLED" and interrupted_run.data.tags["loraflow.trial_state"] == "FAILED"
+    assert result.best_trial == 1 and result.counts["RETRIED"] == 1 and result.counts["COMPLETE"] == 1
+    metrics = runs_of("tune")[0].data.metrics  # the second worker's study run
+    assert (metrics["tune/trials_retried"], metrics["tune/trials_failed"], metrics["tune/trials_total"]) == (1, 0, 2)
+
+
+def test_a_database_study_hands_stale_trials_to_the_same_retry(tmp_path, monkeypatch):
+    """RDBStorage: Optuna's heartbeat (LORAFLOW_HEARTBEAT_SECONDS, grace LORAFLOW_STALE_SECONDS) and, for a
+    trial it finds stale, what optuna.storages.fail_stale_trials does: FAIL, then the storage's callback."""
+    monkeypatch.setenv("LORAFLOW_HEARTBEAT_SECONDS", "2")
+    monkeypatch.setenv("LORAFLOW_STALE_SECONDS", "7")
+    storage = tune.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    assert (storage.get_heartbeat_interval(), storage.grace_period) == (2, 7)
+    study = optuna.create_study(storage=storage, study_name="db")
+    trial = study.ask()
+    r = trial.suggest_categorical("lora.r", [2, 4, 8])
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment("db"), tags={"loraflow.trial_state": "RUNNING"})
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    trial.set_user_attr("worker_host", "elsewhere")
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name("db"), 0)
+    storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(trial_id))
+    dead_run = client.get_run(run.info.run_id)
+    assert dead_run.info.status == "KILLED" and dead_run.data.tags["loraflow.trial_state"] == "FAILED"
+    retry = study.ask()
+    assert retry.suggest_categorical("lora.r", [2, 4, 8]) == r
+    assert retry.user_attrs == {"retried_from": 0, "retries": 1}  # not the dead worker's host, pid or run
+
+
+def test_workers_share_the_cores_and_a_bad_worker_count_is_refused(tune_project, run_cli, monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LORAFLOW_TUNE_WORKERS", "2")
+    assert tune.worker_threads() == max(1, cores // 2)
+    monkeypatch.setenv("LORAFLOW_TUNE_WORKERS", "1")
+    assert tune.worker_threads() is None  # one worker: torch's own default
+    monkeypatch.setenv("LORAFLOW_TUNE_WORKERS", "two")
+    code, _, err = run_cli("tune", tune_project(), "--n-trials", "1")
+    assert_one_line_error(code, err, "LORAFLOW_TUNE_WORKERS: expected a number of workers >= 1, got 'two'")
+    assert not runs_of()
+
+
+def test_a_trial_whose_worker_on_another_host_went_silent_is_failed_and_queued_again(tmp_path):
+    storage = tune.open_storage(str(tmp_path / "optuna-journal.log"))
+    study = optuna.create_study(storage=storage, study_name="hosts")
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("hosts")
+    silent_for = {"silent": tune.stale_seconds() + 60, "beating": 0, "just started": None}
+    for name, seconds in silent_for.items():
+        trial = study.ask()
+        trial.suggest_categorical("lora.r", [2, 4, 8])
+        if seconds is None:  # asked, but its worker has not written who it is yet
+            continue
+        tags = {"loraflow.host": "elsewhere", "loraflow.pid": "1", "loraflow.trial_state": "RUNNING",
+                "loraflow.heartbeat": f"{time.time() - seconds:.0f}"}
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        trial.set_user_attr("worker_host", "elsewhere")
+        trial.set_user_attr("worker_pid", 1)
+    assert tune.fail_dead_trials(study, storage) == [0]
+    assert tune.fail_dead_trials(study, storage) == []  # failed once: nothing left to claim
+    silent, beating, just_started, retry = study.trials
+    assert (silent.state.name, beating.state.name, just_started.state.name) == ("FAIL", "RUNNING", "RUNNING")
+    assert silent.user_attrs["fail_reason"] == "its worker (pid 1 on elsewhere) died mid-trial"
+    assert retry.state.name == "WAITING" and retry.user_attrs == {"retried_from": 0, "retries": 1}
+    silent_run = client.get_run(silent.user_attrs["mlflow_run_id"])
+    assert silent_run.info.status == "KILLED" and silent_run.data.tags["loraflow.trial_state"] == "FAILED"
+    assert client.get_run(beating.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
+    assert tune.trial_counts(study.trials) == {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RETRIED": 1, "RUNNING": 2,
+                                               "WAITING": 1}

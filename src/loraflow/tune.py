@@ -2,7 +2,7 @@
 MLflow training run under one study run.
 
     loraflow tune quickstart --n-trials 8
-    loraflow tune quickstart --study wide --n-trials 4     # resume the study `wide` (or join its workers)
+    loraflow tune quickstart --study wide --n-trials 12    # bring the study `wide` to 12 trials (resume, or join)
     loraflow tune quickstart --storage postgresql://user@db/optuna
     result = tune.run(cfg, n_trials=4)                     # TuneResult(best_run_id, best_value, ...)
     run_id = tune.best_trial_run_id("quickstart")          # what `register --from-study` uses
@@ -13,14 +13,35 @@ The objective is the final `eval/loss` (minimised) or a metric of the evaluate s
 training feed the pruner (negated when maximising). Pruned trials' runs end KILLED, failed ones
 FAILED, and the study goes on; trial runs carry loraflow.study/.trial_number/.trial_state tags.
 Storage: --storage, else tune.storage, else a journal file beside the MLflow sqlite store (locally
-.mlruns/optuna-journal.log). Processes started at once on one study share its trials: each runs its
-own --n-trials under its own study run; the best trial and counts logged are the whole study's.
+.mlruns/optuna-journal.log).
+
+Several workers. Every process started on a study (at once, or later) is a worker with its own study
+run; the best trial and counts it logs are the whole study's. `--n-trials N` (tune.n_trials) is the
+study's total: a worker starts trials until the study holds N trials that finished (COMPLETE, PRUNED,
+FAIL) or run in a live worker, so two workers with --n-trials 8 share 8 trials, and --n-trials 12 on a
+study of 8 adds 4. Workers finishing at the same instant may each start one last trial (at most
+workers - 1 beyond N). A worker killed mid-trial (kill -9, the OOM killer, a lost machine): its
+trial becomes FAIL, its MLflow run KILLED, and its parameters are queued again (MAX_RETRIES times) as
+a new trial with user attr `retried_from`, which a surviving worker or the next one started runs; the
+dead trial does not count toward N (tune/trials_retried), its retry does. A trial interrupted by
+SIGTERM or Ctrl+C is queued again the same way. How a dead worker is seen, before each trial:
+- any storage: each trial records its worker's host and pid (user attrs worker_host, worker_pid);
+  a RUNNING trial is dead when, on this host, that pid is gone, or, from another host, its MLflow
+  run's heartbeat is stale (tracking.is_dead); a worker fails it (set_trial_state_values: of workers
+  reaping at once, one wins) and queues it again. This is the journal file's heartbeat, which Optuna
+  does not provide.
+- a database (RDBStorage) also runs Optuna's heartbeat (every LORAFLOW_HEARTBEAT_SECONDS, grace
+  LORAFLOW_STALE_SECONDS): Optuna fails trials it finds stale and hands them to the same retry.
+LORAFLOW_TUNE_WORKERS=k, set when starting k workers on one machine, makes each use its share of the
+cores (torch.set_num_threads(cores // k)) instead of every worker taking them all.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import socket
+import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -28,11 +49,13 @@ from pathlib import Path
 
 import mlflow
 
-from loraflow import LoraflowError, models, tracking, train, warn
+from loraflow import LoraflowError, models, say, tracking, train, warn
 from loraflow.config import Config, tune_problems, with_values
 from loraflow.tracking import EVAL_LOSS, Tags, first_line, redact
 
-STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+# Each trial is counted in one of these: Optuna's states, but a FAIL whose parameters run again is RETRIED.
+STATES = ("COMPLETE", "PRUNED", "FAIL", "RETRIED", "RUNNING", "WAITING")
+MAX_RETRIES = 1  # a trial killed again after its retry counts as FAIL: it may be what kills (the OOM killer)
 
 
 @dataclass
@@ -43,7 +66,7 @@ class TuneResult:
     best_trial: int | None
     best_value: float | None
     best_config: dict = field(default_factory=dict)  # dotted key -> value the best trial trained with
-    counts: dict = field(default_factory=dict)  # Optuna state -> trials of the whole study
+    counts: dict = field(default_factory=dict)  # STATES -> trials of the whole study, each counted once
     table: str = ""  # one line per trial of the study
     objective: str = ""
     storage: str = ""  # the storage URL, password hidden
@@ -80,7 +103,11 @@ def open_storage(url: str):
             path = Path(url).expanduser()
             path.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-        return optuna.storages.RDBStorage(url)
+        with warnings.catch_warnings():  # the heartbeat arguments are experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, round(tracking.heartbeat_seconds())),
+                                              grace_period=stale_seconds(),
+                                              heartbeat_stale_trial_callback=retry_dead_trial)
     except ImportError as exc:
         raise LoraflowError(f"Optuna storage {redact(url)}: its database driver is not installed "
                             f"({first_line(exc)})") from None
@@ -213,22 +240,23 @@ def trial_tags(study_name: str, study_run_id: str, number: int) -> dict:
 
 
 def start_trial_run(trial_cfg: Config, store: tracking.Store, study_run, study_name: str, number: int) -> str:
-    """Create the trial's run (nested under the study run) before training, so every trial has one."""
+    """Create the trial's run (nested under the study run) before training, so every trial has one; it
+    names its process from the start, so a worker killed before training began is still seen dead."""
     tags = {**tracking.lineage_tags(trial_cfg, "train"), **trial_tags(study_name, study_run.info.run_id, number),
-            Tags.PARENT_RUN_ID: study_run.info.run_id, Tags.TRIAL_STATE: "RUNNING"}
+            Tags.PARENT_RUN_ID: study_run.info.run_id, Tags.TRIAL_STATE: "RUNNING",
+            Tags.HOST: socket.gethostname(), Tags.PID: str(os.getpid()), Tags.HEARTBEAT: f"{time.time():.0f}"}
     run = store.client().create_run(study_run.info.experiment_id, run_name=f"trial-{number}", tags=tags)
     return run.info.run_id
 
 
-def end_trial_run(store: tracking.Store, run_id: str, state: str, exc: BaseException | None = None) -> None:
-    """Tag the trial's state; end its run if the failure came before training started it."""
-    client = store.client()
+def end_trial_run(client, run_id: str, state: str, reason: str | None = None, status: str = "FINISHED") -> None:
+    """Tag the trial's state (and `reason`); end its run with `status` if training did not end it."""
     client.set_tag(run_id, Tags.TRIAL_STATE, state)
     run = client.get_run(run_id)
-    if exc is not None and Tags.ERROR not in run.data.tags:
-        client.set_tag(run_id, Tags.ERROR, redact(first_line(exc))[:500])
+    if reason and Tags.ERROR not in run.data.tags:
+        client.set_tag(run_id, Tags.ERROR, redact(reason)[:500])
     if run.info.status == "RUNNING":
-        client.set_terminated(run_id, tracking.run_status_for(exc) if exc is not None else "FINISHED")
+        client.set_terminated(run_id, status)
 
 
 def train_and_score(trial, trial_cfg: Config, store: tracking.Store, run_id: str, tags: dict) -> float:
@@ -255,39 +283,167 @@ def run_trial(trial, *, cfg: Config, store: tracking.Store, study_run, num_layer
     """Optuna's objective: one nested training run; a failure is logged and scored NaN (Optuna: FAIL)."""
     import optuna
 
+    trial.set_user_attr("worker_host", socket.gethostname())  # first: who runs it, should it die
+    trial.set_user_attr("worker_pid", os.getpid())
     trial.study.sampler = seeded_sampler(cfg, trial.number)
     values = suggest_config(trial, cfg, num_layers)
     trial_cfg = with_values(cfg, values)  # validated like a user's values: a bad one fails the trial
     run_id = start_trial_run(trial_cfg, store, study_run, trial.study.study_name, trial.number)
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("config", values)
+    client = store.client()
     try:
-        value = train_and_score(trial, trial_cfg, store, run_id, trial_tags(trial.study.study_name, study_run.info.run_id,
-                                                                     trial.number))
+        with tracking.Heartbeat(run_id):  # the whole trial, evaluation included: alive to other hosts
+            value = train_and_score(trial, trial_cfg, store, run_id,
+                                    trial_tags(trial.study.study_name, study_run.info.run_id, trial.number))
     except optuna.TrialPruned as exc:
-        end_trial_run(store, run_id, "PRUNED", exc)
+        end_trial_run(client, run_id, "PRUNED", first_line(exc), status="KILLED")
         raise
     except Exception as exc:
-        end_trial_run(store, run_id, "FAILED", exc)
+        end_trial_run(client, run_id, "FAILED", first_line(exc), status="FAILED")
         trial.set_user_attr("fail_reason", first_line(exc))
         warn(f"trial {trial.number} failed (run {run_id}): {first_line(exc)}")
         if os.environ.get("LORAFLOW_DEBUG"):
             traceback.print_exc()
         return float("nan")
-    except BaseException as exc:  # interrupted: the trial's run ends KILLED, the study run too
-        end_trial_run(store, run_id, "FAILED", exc)
+    except BaseException as exc:  # interrupted: the trial's run ends KILLED, the study run too; it runs again
+        end_trial_run(client, run_id, "FAILED", first_line(exc), status=tracking.run_status_for(exc))
+        queue_retry(trial.study, trial.number, trial.params, trial.user_attrs, "it was interrupted")
         raise
-    end_trial_run(store, run_id, "COMPLETE")
+    end_trial_run(client, run_id, "COMPLETE")
     return value
+
+
+# --- several workers: dead workers' trials, retries, the study's target -------------------------
+
+def stale_seconds() -> int:
+    """Silence after which a worker on another host is dead: tracking.is_dead's threshold, for both storages."""
+    return max(1, round(float(os.environ.get("LORAFLOW_STALE_SECONDS", 30 * tracking.heartbeat_seconds()))))
+
+
+def worker_gone(trial, client, now: float) -> bool:
+    """Whether a RUNNING trial's worker is gone: on this host its pid is not alive; on another, the
+    heartbeat of the trial's MLflow run is stale. Unknown (the trial has just started): alive."""
+    host, pid = trial.user_attrs.get("worker_host"), trial.user_attrs.get("worker_pid")
+    if host == socket.gethostname() and isinstance(pid, int):
+        return not tracking.process_alive(pid)
+    if host is None or "mlflow_run_id" not in trial.user_attrs:
+        return False
+    try:
+        return tracking.is_dead(client.get_run(trial.user_attrs["mlflow_run_id"]), now)
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+def queue_retry(study, number: int, params: dict, user_attrs: dict, why: str) -> None:
+    """Queue trial `number`'s parameters as a new trial (user attrs retried_from, retries), up to MAX_RETRIES
+    runs after the first; the new trial inherits nothing else (not the dead worker's host and pid)."""
+    retries = user_attrs.get("retries", 0)
+    if retries >= MAX_RETRIES:
+        warn(f"trial {number}: {why}; not retried, its parameters already ran {retries + 1} times")
+        return
+    study.enqueue_trial(params, user_attrs={"retried_from": number, "retries": retries + 1})
+    warn(f"trial {number}: {why}; its parameters are queued to run again")
+
+
+def died_reason(trial) -> str:
+    host, pid = trial.user_attrs.get("worker_host", "?"), trial.user_attrs.get("worker_pid", "?")
+    return f"its worker (pid {pid} on {host}) died mid-trial"
+
+
+def retry_dead_trial(study, trial) -> None:
+    """For a trial already failed because its worker died: end its MLflow run KILLED and queue it again.
+
+    Also the RDB heartbeat's stale-trial callback: what Optuna's RetryHeartbeatStaleTrialCallback does,
+    with the MLflow run ended and loraflow's retry attrs, the same for both storages.
+    """
+    if trial.user_attrs.get("mlflow_run_id"):
+        try:
+            end_trial_run(mlflow.MlflowClient(), trial.user_attrs["mlflow_run_id"], "FAILED", died_reason(trial),
+                          status="KILLED")
+        except mlflow.exceptions.MlflowException as exc:
+            warn(f"trial {trial.number}: cannot end its MLflow run: {first_line(exc)}")
+    queue_retry(study, trial.number, trial.params, trial.user_attrs, died_reason(trial))
+
+
+def fail_dead_trials(study, storage) -> list[int]:
+    """Fail the study's RUNNING trials whose worker is gone and queue them again; the numbers this worker failed.
+
+    set_trial_state_values is the claim: of several workers reaping at once, one fails the trial and
+    queues its retry, the others get UpdateFinishedTrialError.
+    """
+    import optuna
+
+    client, now = mlflow.MlflowClient(), time.time()
+    dead = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if worker_gone(t, client, now)]
+    if not dead:
+        return []
+    try:
+        tracking.reap_dead_runs(mlflow.get_tracking_uri())  # the dead workers' study and trial runs: KILLED
+    except mlflow.exceptions.MlflowException as exc:  # a busy store: retry_dead_trial still ends the trial's run
+        warn(f"could not mark dead workers' runs KILLED: {first_line(exc)}")
+    study_id, failed = storage.get_study_id_from_name(study.study_name), []
+    for trial in dead:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", died_reason(trial))
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first, or it ended meanwhile
+        retry_dead_trial(study, storage.get_trial(trial_id))
+        failed.append(trial.number)
+    return failed
+
+
+def trial_counts(trials: list) -> dict:
+    """STATES -> trials, each trial once: a FAIL whose parameters were queued again is RETRIED."""
+    retried = {t.user_attrs["retried_from"] for t in trials if "retried_from" in t.user_attrs}
+    counts = dict.fromkeys(STATES, 0)
+    for trial in trials:
+        counts["RETRIED" if trial.number in retried else trial.state.name] += 1
+    return counts
+
+
+def trials_toward_target(trials: list) -> int:
+    """What --n-trials counts: finished trials and running ones, not a retried trial (its retry counts)."""
+    counts = trial_counts(trials)
+    return counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"] + counts["RUNNING"]
+
+
+def target_keeper(storage, target: int):
+    """Optuna's callback after each trial: fail dead workers' trials (queueing them again), then stop once
+    the study holds `target`."""
+    def between_trials(study, finished_trial) -> None:
+        fail_dead_trials(study, storage)
+        if trials_toward_target(study.get_trials(deepcopy=False)) >= target:
+            study.stop()
+    return between_trials
+
+
+def worker_threads() -> int | None:
+    """Torch threads for one of LORAFLOW_TUNE_WORKERS workers on this machine (None when unset or 1)."""
+    raw = os.environ.get("LORAFLOW_TUNE_WORKERS", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise LoraflowError(f"LORAFLOW_TUNE_WORKERS: expected a number of workers >= 1, got {raw!r}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(raw)) if int(raw) > 1 else None
 
 
 # --- the study's outcome ----------------------------------------------------------------------
 
 def log_outcome(cfg: Config, study_name: str, trials: list, study_run_id: str) -> TuneResult:
-    """Trial counts, the best trial's run, config and value (of the study's `trials`) on the study run."""
-    counts = {state: sum(t.state.name == state for t in trials) for state in STATES}
+    """Trial counts, the best trial's run, config and value (of the study's `trials`) on the study run.
+
+    Each trial is counted once: complete + pruned + failed + retried + unfinished = total.
+    """
+    counts = trial_counts(trials)
     mlflow.log_metrics({"tune/trials_complete": counts["COMPLETE"], "tune/trials_pruned": counts["PRUNED"],
-                        "tune/trials_failed": counts["FAIL"], "tune/trials_total": len(trials)})
+                        "tune/trials_failed": counts["FAIL"], "tune/trials_retried": counts["RETRIED"],
+                        "tune/trials_unfinished": counts["RUNNING"] + counts["WAITING"],
+                        "tune/trials_total": len(trials)})
     result = TuneResult(run_id=study_run_id, study_name=study_name, best_run_id=None, best_trial=None,
                         best_value=None, counts=counts)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
@@ -336,7 +492,8 @@ def format_value(value) -> str:
 
 
 def trials_table(trials: list) -> str:
-    """One line per trial: number, state, value, MLflow run id and the config it trained with."""
+    """One line per trial: number, state, value, MLflow run id, the config it trained with, and retries."""
+    retried_as = {t.user_attrs["retried_from"]: t.number for t in trials if "retried_from" in t.user_attrs}
     lines = [f"{'trial':>5}  {'state':<8}  {'value':>10}  {'run id':<32}  config"]
     for trial in trials:
         value = "-" if trial.value is None else f"{trial.value:.4f}"
@@ -345,18 +502,25 @@ def trials_table(trials: list) -> str:
         config = trial.user_attrs.get("config", trial.params)
         lines.append(f"{trial.number:>5}  {trial.state.name:<8}  {value:>10}  "
                      f"{trial.user_attrs.get('mlflow_run_id', '-'):<32}  "
-                     + " ".join(f"{key.split('.')[-1]}={format_value(v)}" for key, v in config.items()))
+                     + " ".join(f"{key.split('.')[-1]}={format_value(v)}" for key, v in config.items())
+                     + (f"  (retried as trial {retried_as[trial.number]})" if trial.number in retried_as else "")
+                     + (f"  (retry of trial {trial.user_attrs['retried_from']})" if "retried_from" in trial.user_attrs
+                        else ""))
     return "\n".join(lines)
 
 
 # --- the stage --------------------------------------------------------------------------------
 
 def check_inputs(cfg: Config, n_trials: int, url: str):
-    """(storage, layer count) or one LoraflowError listing every problem, before any run starts."""
+    """(storage, layer count, torch threads) or one LoraflowError listing every problem, before any run starts."""
     problems = list(tune_problems(cfg))
     if n_trials < 1:
         problems.append(f"--n-trials: must be >= 1, got {n_trials}")
-    storage = num_layers = None
+    storage = num_layers = threads = None
+    try:
+        threads = worker_threads()
+    except LoraflowError as exc:
+        problems.append(str(exc))
     try:
         storage = open_storage(url)
     except LoraflowError as exc:
@@ -367,28 +531,40 @@ def check_inputs(cfg: Config, n_trials: int, url: str):
         problems.append(str(exc))
     if problems:
         raise LoraflowError("cannot tune: " + "; ".join(problems))
-    return storage, num_layers
+    return storage, num_layers, threads
 
 
 def run(cfg: Config, *, store: tracking.Store | None = None, n_trials: int | None = None,
         study_name: str | None = None, storage: str | None = None, parent_run_id: str | None = None,
         tags: dict | None = None) -> TuneResult:
-    """Run n_trials trials of the study (created, or resumed when it exists) and return its best."""
+    """Run trials of the study (created, or resumed when it exists) until it holds n_trials, with any other
+    workers on it; return its best."""
     store = store or tracking.connect(cfg=cfg)
     n_trials = n_trials or cfg.tune.n_trials
     study_name = study_name or cfg.tune.study_name or cfg.name
     url = storage_url(storage, cfg)
-    optuna_storage, num_layers = check_inputs(cfg, n_trials, url)
+    optuna_storage, num_layers, threads = check_inputs(cfg, n_trials, url)
     study = open_study(cfg, study_name, optuna_storage)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # one of LORAFLOW_TUNE_WORKERS workers: its share of the cores
     run_tags = {Tags.STUDY: study_name, Tags.OPTUNA_STORAGE: redact(url), Tags.OBJECTIVE: cfg.tune.objective,
                 **(tags or {})}
     with tracking.stage_run(cfg, "tune", store, parent_run_id=parent_run_id, run_name=study_name,
                             tags=run_tags) as study_run:
         mlflow.log_params(tracking.flat_params(cfg))
         tracking.log_config(cfg)
-        study.optimize(lambda trial: run_trial(trial, cfg=cfg, store=store, study_run=study_run, num_layers=num_layers),
-                       n_trials=n_trials, timeout=cfg.tune.timeout or None, catch=(Exception,),
-                       gc_after_trial=True, show_progress_bar=True)
+        fail_dead_trials(study, optuna_storage)  # a restarted worker first retries what dead ones left RUNNING
+        if trials_toward_target(study.get_trials(deepcopy=False)) < n_trials:
+            # n_trials bounds this worker's own trials (it never needs more); the callback stops it at the target
+            study.optimize(lambda trial: run_trial(trial, cfg=cfg, store=store, study_run=study_run,
+                                                   num_layers=num_layers),
+                           n_trials=n_trials, timeout=cfg.tune.timeout or None, catch=(Exception,),
+                           callbacks=[target_keeper(optuna_storage, n_trials)], gc_after_trial=True,
+                           show_progress_bar=True)
+        else:
+            say(f"study {study_name!r} already holds {n_trials} trials (finished or running): nothing to run")
         trials = study.get_trials()  # one snapshot: other workers may still be adding trials
         result = log_outcome(cfg, study_name, trials, study_run.info.run_id)
         result.table, result.objective, result.storage = trials_table(trials), cfg.tune.objective, redact(url)
