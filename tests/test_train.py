@@ -16,7 +16,7 @@ import torch
 from helpers import assert_one_line_error, runs_of
 from safetensors.torch import load_file
 
-from loraflow import data, models, train
+from loraflow import data, generation, models, train
 from loraflow.config import load_config
 
 
@@ -224,3 +224,25 @@ def test_a_store_gone_too_long_checkpoints_and_fails_the_run(tiny_llama, write_p
     assert run.info.status == "FAILED"
     checkpoints = list(Path(run.data.tags["loraflow.output_dir"]).glob(f"checkpoint-*/{train.COMPLETE_MARKER}"))
     assert len(checkpoints) == 1, "the run stops at the first failed write, after saving a checkpoint"
+
+
+def test_the_best_adapter_is_kept_and_early_stopping_stops(tiny_llama, write_project, run_cli):
+    """A learning rate far too high makes the loss climb after the first evaluations: training stops after
+    `patience` evaluations without a new best, and the adapter logged is the best one."""
+    project = write_project(tiny_llama, train={"max_steps": 40, "eval_steps": 1, "learning_rate": 0.5,
+                                               "early_stopping_patience": 2, "warmup_ratio": 0.0})
+    assert run_cli("train", project)[0] == 0
+    [run] = runs_of("train")
+    history = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval/loss")}
+    best_step = min(history, key=history.get)
+    assert run.data.metrics["eval/best_step"] == best_step
+    assert run.data.metrics["eval/best_loss"] == pytest.approx(history[best_step])
+    assert max(history) == best_step + 2 < 40, "stopped two evaluations after the best one"
+    cfg = load_config(str(project))
+    base, tokenizer = models.load_model(cfg, cfg.model.name)
+    adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter")
+    logged = models.load_adapter(base, adapter)
+    rows = data.prepare(cfg).splits["validation"][:cfg.train.eval_rows]
+    assert generation.validation_loss(logged, tokenizer, rows, cfg) == pytest.approx(history[best_step], abs=1e-5)
+    [model] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert model.source_run_id == run.info.run_id and run.data.tags["loraflow.adapter_model_id"] == model.model_id

@@ -111,7 +111,8 @@ def evaluate(cfg, store, run_id, model_uri, adapter):
 
 @cli.command()
 @project_options
-@click.option("--n-trials", type=int, default=None, help="Trials to run now (default: tune.n_trials; 0 = default).")
+@click.option("--n-trials", type=int, default=None,
+              help="The study's total of trials, shared by every worker on it (default: tune.n_trials).")
 @click.option("--study", "study_name", default=None, help="Study name; an existing study is resumed.")
 @click.option("--storage", default=None, help="Optuna storage URL (default: a journal file in .mlruns/).")
 def tune(cfg, store, n_trials, study_name, storage):

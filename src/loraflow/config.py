@@ -110,6 +110,9 @@ class TrainConfig:
     eval_rows: int = opt(64, "validation rows used for eval/loss during training (0: all)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     price_per_hour: float = opt(0.0, "USD per hour of this machine, for train/cost_usd; 0 on a local CPU")
+    early_stopping_patience: int = opt(0, "stop after this many evaluations without a lower eval/loss (0: never); "
+                                          "the adapter kept is always the best one")
+    dataloader_workers: int = opt(0, "data-loader worker processes (0: load batches in the training process)")
     store_outage_seconds: float = opt(600.0, "how long metric writes wait out an unanswering tracking store before "
                                              "the run checkpoints and fails")
     output_dir: str = opt("outputs", "checkpoints and adapters go to <output_dir>/<name>/<run id>")
@@ -133,7 +136,7 @@ class EvalConfig:
 @dataclass
 class TuneConfig:
     enabled: bool = opt(False, "the pipeline runs an Optuna study instead of a single training run")
-    n_trials: int = opt(8, "trials to run")
+    n_trials: int = opt(8, "the study's total of trials, shared by every worker on it (a retried trial counts once)")
     timeout: float = opt(0.0, "seconds after which no new trial starts (0: none)")
     direction: typing.Literal["minimize", "maximize"] = opt("minimize", "whether tune.objective is minimised")
     objective: str = opt("eval/loss", "eval/loss or <base|tuned|delta>/<a metric of eval.metrics>")
@@ -437,7 +440,8 @@ def with_values(cfg: Config, values: dict[str, object]) -> Config:
 POSITIVE = ("lora.r", "lora.alpha", "train.learning_rate", "train.batch_size", "train.grad_accum",
             "train.logging_steps", "train.eval_steps", "train.save_steps", "data.max_length", "eval.max_new_tokens",
             "eval.batch_size", "eval.num_samples", "registry.max_new_tokens_cap")
-AT_LEAST = {"data.max_rows": 0, "train.eval_rows": 0, "eval.bootstrap_samples": 1}
+AT_LEAST = {"data.max_rows": 0, "train.eval_rows": 0, "eval.bootstrap_samples": 1,
+            "train.early_stopping_patience": 0, "train.dataloader_workers": 0, "train.store_outage_seconds": 0}
 # train.warmup_ratio is passed as warmup_steps, which transformers reads as a ratio only below 1.
 UNIT_INTERVAL = ("lora.dropout", "train.warmup_ratio")
 
@@ -468,6 +472,8 @@ def validate(cfg: Config) -> list[str]:
         problems.append("lora.layers_to_transform: expected a list of layer indices >= 0")
     if cfg.model.kind == "seq2seq" and cfg.train.objective == "cpt":
         problems.append("train.objective: cpt needs model.kind=causal")
+    if cfg.train.early_stopping_patience > 0 and cfg.data.val_fraction == 0:
+        problems.append("train.early_stopping_patience: needs validation rows (data.val_fraction > 0)")
     if cfg.model.kind == "seq2seq" and cfg.data.packing != "none":
         problems.append(f"data.packing: {cfg.data.packing} needs model.kind=causal (a seq2seq example is an "
                         "encoder input and its decoder labels: there is no text to pack)")

@@ -36,7 +36,7 @@ STEP_SECTIONS = {
     "evaluate": ("model", "data", "train", "eval"),
     "register": ("model", "data", "train", "eval", "registry"),
 }
-HEADLINE = ("eval/loss", "train/wall_seconds", "train/cost_usd")
+HEADLINE = ("eval/loss", "eval/best_loss", "train/wall_seconds", "train/cost_usd")
 
 
 @dataclass

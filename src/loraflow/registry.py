@@ -52,8 +52,9 @@ def run_rank(run, gate_metric: str) -> tuple:
     for tier, key in ((3, role_key("delta", gate_metric)), (2, role_key("tuned", gate_metric))):
         if key in metrics:
             return tier, better * metrics[key]
-    if EVAL_LOSS in metrics:
-        return 1, -metrics[EVAL_LOSS]
+    for key in ("eval/best_loss", EVAL_LOSS):  # the loss of the adapter the run logged, when it says
+        if key in metrics:
+            return 1, -metrics[key]
     return 0, run.info.start_time
 
 

@@ -439,17 +439,20 @@ def reap_dead_runs(uri: str) -> list[str]:
 
 @contextlib.contextmanager
 def stage_run(cfg: Config, stage: str, store: Store, *, run_id: str | None = None,
-              parent_run_id: str | None = None, run_name: str | None = None, tags: dict | None = None):
+              parent_run_id: str | None = None, run_name: str | None = None, tags: dict | None = None,
+              system_metrics: bool = False):
     """An MLflow run for one stage, tagged with lineage; ended FAILED (or KILLED) if the body raises.
 
-    `run_id` continues an existing run; `parent_run_id` nests a new one (it must be the active run, if any).
+    `run_id` continues an existing run; `parent_run_id` nests a new one (it must be the active run, if any);
+    `system_metrics` has MLflow sample CPU, memory (and GPU) use into system/* metrics.
     """
     nested = mlflow.active_run() is not None
     if run_id:
-        run = mlflow.start_run(run_id=run_id, nested=nested)
+        run = mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=system_metrics)
     else:
         run = mlflow.start_run(experiment_id=store.experiment_id, parent_run_id=parent_run_id, nested=nested,
-                               run_name=run_name, tags={**lineage_tags(cfg, stage), **(tags or {})})
+                               run_name=run_name, tags={**lineage_tags(cfg, stage), **(tags or {})},
+                               log_system_metrics=system_metrics)
     mlflow.set_tags({Tags.HOST: socket.gethostname(), Tags.PID: str(os.getpid()),
                      Tags.HEARTBEAT: f"{time.time():.0f}"})
     try:

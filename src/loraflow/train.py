@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import signal
 import tempfile
 import time
@@ -29,6 +30,7 @@ from loraflow.tracking import EVAL_LOSS, TRAIN_LOSS, Tags
 
 TRAINER_METRICS = {"loss": TRAIN_LOSS, "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
 COMPLETE_MARKER = "loraflow_checkpoint.json"  # written after everything else: a checkpoint without it is partial
+BEST_MARKER = "loraflow_best.json"  # step and validation loss of the adapter kept as the best
 
 
 @dataclass
@@ -77,10 +79,12 @@ class StopOnSignal:
 
 def loraflow_callback(cfg: Config, tokenizer, eval_rows: list[dict], state: dict, stopper: StopOnSignal,
                       on_eval: Callable[[int, float], None] | None):
-    """The TrainerCallback that logs, evaluates (token-weighted), counts tokens and honours signals.
+    """The TrainerCallback that logs, evaluates (token-weighted), keeps the best adapter, stops early,
+    counts tokens and honours signals.
 
     `state` holds {"tokens": label tokens trained on so far, "eval": {step: loss}, "seconds": training
     time before this process}; it is saved with each checkpoint, so a resumed run keeps counting.
+    state["best_dir"] holds the adapter of the lowest validation loss so far (its step and loss beside it).
     """
     from transformers import TrainerCallback
 
@@ -104,6 +108,9 @@ def loraflow_callback(cfg: Config, tokenizer, eval_rows: list[dict], state: dict
                 state["eval"][step] = evaluate_now(model, tokenizer, eval_rows, cfg)
                 if step > state["logged_through"]:
                     write(control, {EVAL_LOSS: state["eval"][step]}, step)
+                keep_if_best(model, state, step)
+                if stop_early(cfg, state, step):
+                    control.should_training_stop = True
                 if on_eval:
                     on_eval(step, state["eval"][step])
             if stopper.signum is not None or state.get("store_error"):
@@ -116,6 +123,28 @@ def loraflow_callback(cfg: Config, tokenizer, eval_rows: list[dict], state: dict
             (folder / COMPLETE_MARKER).write_text(json.dumps(saved))
 
     return LoraflowCallback()
+
+
+def best_so_far(state: dict) -> dict | None:
+    """{"step", "loss"} of the adapter kept in state["best_dir"], or None before the first evaluation."""
+    marker = state["best_dir"] / BEST_MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def keep_if_best(model, state: dict, step: int) -> None:
+    """Save the adapter when this evaluation is the lowest validation loss yet (a LoRA adapter is small)."""
+    best, loss = best_so_far(state), state["eval"][step]
+    if best is None or loss < best["loss"]:
+        model.save_pretrained(state["best_dir"])
+        (state["best_dir"] / BEST_MARKER).write_text(json.dumps({"step": step, "loss": loss}))
+
+
+def stop_early(cfg: Config, state: dict, step: int) -> bool:
+    """True once train.early_stopping_patience evaluations in a row have not beaten the best (0: never)."""
+    patience, best = cfg.train.early_stopping_patience, best_so_far(state)
+    if patience <= 0 or best is None:
+        return False
+    return sum(1 for evaluated in state["eval"] if best["step"] < evaluated <= step) >= patience
 
 
 def training_seconds(state: dict) -> float:
@@ -162,7 +191,7 @@ def training_arguments(cfg: Config, output_dir: Path, bf16: bool):
         data_seed=cfg.train.seed, logging_steps=cfg.train.logging_steps, eval_strategy="no",
         save_strategy="steps", save_steps=cfg.train.save_steps, save_total_limit=2,
         bf16=bf16, report_to="none", train_sampling_strategy="group_by_length",
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
+        remove_unused_columns=False, dataloader_num_workers=cfg.train.dataloader_workers, disable_tqdm=False,
         gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
     )
 
@@ -281,11 +310,23 @@ def plot_loss_curve(run_id: str, title: str):
     return figure
 
 
-def log_adapter(model, tokenizer) -> Path:
+def log_adapter(cfg: Config, model, tokenizer, state: dict, run_id: str) -> Path:
+    """Log the best adapter on validation loss (the last one without evaluation) as `adapter/` and as an
+    MLflow logged model of the run, tagged on the run as loraflow.adapter_model_id."""
     adapter_dir = Path(tempfile.mkdtemp(prefix="loraflow-adapter-")) / "adapter"
-    model.save_pretrained(adapter_dir)
+    if best_so_far(state) is not None:
+        shutil.copytree(state["best_dir"], adapter_dir, ignore=shutil.ignore_patterns(BEST_MARKER))
+    else:
+        model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     mlflow.log_artifacts(str(adapter_dir), "adapter")
+    logged = mlflow.initialize_logged_model(name=f"{cfg.name}-adapter", source_run_id=run_id,
+                                            model_type="peft-lora-adapter",
+                                            params={k: str(v) for k, v in tracking.flat_params(cfg).items()
+                                                    if k.startswith("lora.")})
+    mlflow.MlflowClient().log_model_artifacts(logged.model_id, str(adapter_dir))
+    mlflow.finalize_logged_model(logged.model_id, "READY")
+    mlflow.set_tag(Tags.ADAPTER_MODEL_ID, logged.model_id)
     return adapter_dir
 
 
@@ -298,9 +339,10 @@ def final_metrics(cfg: Config, trainer, state: dict) -> dict:
                "train/cost_usd": wall_seconds / 3600 * cfg.train.price_per_hour,
                "train/trainable_params": trainable, "train/total_params": total,
                "train/steps": trainer.state.global_step}
-    if state["eval"]:
-        eval_loss = state["eval"][max(state["eval"])]
-        metrics.update({EVAL_LOSS: eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))})
+    best = best_so_far(state)
+    if best is not None:  # the adapter logged is this one
+        metrics.update({"eval/best_loss": best["loss"], "eval/best_step": best["step"],
+                        "eval/perplexity": math.exp(min(best["loss"], 50))})
     return metrics
 
 
@@ -323,8 +365,8 @@ def run(cfg: Config, *, store: tracking.Store | None = None, resume: bool = Fals
         say(f"resuming run {run_id} from {checkpoint.name}")
     prepared = prepared or data.prepare(cfg)
     base_path = base_path or models.resolve_model_path(cfg.model.name, cfg)
-    with tracking.stage_run(cfg, "train", store, run_id=run_id, parent_run_id=parent_run_id,
-                            tags=tags) as active, StopOnSignal() as stopper:
+    with tracking.stage_run(cfg, "train", store, run_id=run_id, parent_run_id=parent_run_id, tags=tags,
+                            system_metrics=True) as active, StopOnSignal() as stopper:
         run_id = active.info.run_id
         output_dir = Path(cfg.train.output_dir).resolve() / cfg.name / run_id
         mlflow.set_tags({Tags.OUTPUT_DIR: str(output_dir), Tags.BASE_MODEL_PATH: base_path})
@@ -336,6 +378,7 @@ def run(cfg: Config, *, store: tracking.Store | None = None, resume: bool = Fals
         model = models.attach_lora(model, cfg)
         state = resumed_state(checkpoint, run_id)
         state["metrics"] = tracking.MetricBuffer(run_id, cfg.train.store_outage_seconds)
+        state["best_dir"] = output_dir / "best_adapter"  # beside the checkpoints, so a resumed run keeps it
         eval_rows = prepared.splits["validation"][:cfg.train.eval_rows or None]
         callback = loraflow_callback(cfg, tokenizer, eval_rows, state, stopper, on_eval)
         trainer = build_trainer(cfg, model, tokenizer, prepared, output_dir, callback)
@@ -349,9 +392,8 @@ def run(cfg: Config, *, store: tracking.Store | None = None, resume: bool = Fals
                                 f"`loraflow train ... --resume --run-id {run_id}`")
         state["metrics"].drain()  # values still queued from a busy spell
         metrics = final_metrics(cfg, trainer, state)
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k != EVAL_LOSS},  # eval/loss is logged per step
-                           step=trainer.state.global_step)
-        adapter_dir = log_adapter(trainer.model, tokenizer)
+        mlflow.log_metrics(metrics, step=trainer.state.global_step)
+        adapter_dir = log_adapter(cfg, trainer.model, tokenizer, state, run_id)
         tracking.log_figure_png(plot_loss_curve(run_id, f"{cfg.name}: loss"), "plots/loss_curve.png")
-    return TrainResult(run_id=run_id, eval_loss=metrics.get(EVAL_LOSS, float("nan")), adapter_dir=adapter_dir,
+    return TrainResult(run_id=run_id, eval_loss=metrics.get("eval/best_loss", float("nan")), adapter_dir=adapter_dir,
                        metrics=metrics, model=trainer.model if keep_model else None)
