@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from loraflow import data, generation, models, train
 from loraflow.config import load_config
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 
 
@@ -246,3 +248,16 @@ def test_the_best_adapter_is_kept_and_early_stopping_stops(tiny_llama, write_pro
     assert generation.validation_loss(logged, tokenizer, rows, cfg) == pytest.approx(history[best_step], abs=1e-5)
     [model] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert model.source_run_id == run.info.run_id and run.data.tags["loraflow.adapter_model_id"] == model.model_id
+
+
+def test_cost_is_hours_times_the_price_of_the_experiments_machine():
+    """ptbr-llama31-cpt-sft's CPT ran 2.35 h on an RTX 4090 at 0.30 USD/h and reports 0.71 USD."""
+    from types import SimpleNamespace
+
+    cfg = load_config(str(REPO / "projects" / "ptbr-llama31-cpt-sft" / "cpt.yaml"))
+    trainer = SimpleNamespace(model=SimpleNamespace(get_nb_trainable_parameters=lambda: (1, 10)),
+                              state=SimpleNamespace(global_step=1))
+    state = {"tokens": 0, "eval": {}, "seconds": 2.35 * 3600, "started": time.perf_counter(),
+             "best_dir": Path("/nonexistent")}
+    metrics = train.final_metrics(cfg, trainer, state)
+    assert metrics["train/cost_usd"] == pytest.approx(2.35 * 0.30, abs=1e-3)  # 0.705: "0.71 USD" in the report
