@@ -58,6 +58,7 @@ def test_failed_step_is_fixed_then_finished_steps_are_reused_and_served(tiny_lla
     register_run = step_runs("register", "FINISHED")[0]
     assert register_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert f"registered: models:/tiny/{version}" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    assert f"/#/experiments/{parent.info.experiment_id}?workflowType=machine_learning" in out
 
     code, out, err = run_cli("pipeline", project, "--serve-check")  # nothing changed: everything reused
     assert code == 0, err

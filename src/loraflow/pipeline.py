@@ -340,6 +340,6 @@ def summary_text(cfg: Config, store: tracking.Store, result: PipelineResult) -> 
     if result.prediction is not None:
         lines.append(f"  REST prediction: {result.prediction!r}")
     uri = tracking.redact(store.uri)
-    lines.append(f"  open the MLflow UI: mlflow ui --backend-store-uri {uri}" if not uri.startswith("http")
-                 else f"  open the MLflow UI: {uri}")
+    start = "" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}, then "
+    lines.append(f"  open the MLflow UI: {start}{tracking.experiment_url(store)}")
     return "\n".join(lines)

@@ -197,9 +197,16 @@ def artifact_location_for(uri: str, experiment: str) -> str | None:
     return (root / experiment).resolve().as_uri()
 
 
-# MLflow 3's UI opens an experiment by its kind; "finetuning" is a model-training kind (runs, charts,
-# models), where an untagged experiment may open on the GenAI view (traces, judges).
+# MLflow 3 knows an experiment's kind from this tag ("finetuning" is a model-training kind). Its UI still
+# opens on the GenAI view (traces, judges) unless the link asks for the model-training view:
+# experiment_url adds ?workflowType=machine_learning (checked in headless Chromium, MLflow 3.17).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "finetuning"
+
+
+def experiment_url(store: "Store", ui: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page of the store's experiment in the model-training view (runs, charts, models)."""
+    root = store.uri if store.uri.startswith("http") else ui
+    return f"{redact(root).rstrip('/')}/#/experiments/{store.experiment_id}?workflowType=machine_learning"
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:
