@@ -153,18 +153,22 @@ def register(cfg, store, from_run, from_study, force):
 @click.option("--model-uri", default=None, help="Default: models:/<registry.model_name>@<registry.alias>.")
 @click.option("--workers", default=1, show_default=True, type=int, help="Server worker processes (each loads the model).")
 @click.option("--timeout", default=None, type=int, help="Seconds a request may take (default: MLflow's, 60).")
-def serve(cfg, store, host, port, model_uri, workers, timeout):
+@click.option("--chat", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              help="Serve the version's OpenAI-style chat flavour (chat-template projects) instead.")
+def serve(cfg, store, host, port, model_uri, workers, timeout, chat):
     """Serve the registered model over REST.
 
-    Runs `mlflow models serve` on models:/NAME@champion. Example request:
+    Runs `mlflow models serve` on models:/NAME@champion. Example requests (the second with --chat):
 
     \b
     curl -s localhost:5001/invocations -H "Content-Type: application/json" \\
       -d '{"dataframe_records": [{"prompt": "Blue mug"}], "params": {"max_new_tokens": 32}}'
+    curl -s localhost:5001/invocations -H "Content-Type: application/json" \\
+      -d '{"messages": [{"role": "user", "content": "Blue mug"}], "max_tokens": 32, "temperature": 0}'
     """
     from loraflow import serving
 
-    serving.run(cfg, store, host=host, port=port, model_uri=model_uri, workers=workers, timeout=timeout)
+    serving.run(cfg, store, host=host, port=port, model_uri=model_uri, workers=workers, timeout=timeout, chat=chat)
 
 
 @cli.command()
@@ -215,15 +219,27 @@ def predict(cfg, store, prompts, model_uri, max_new_tokens, temperature):
 @cli.command()
 @project_options
 @click.option("--limit", default=20, show_default=True, type=int, help="How many runs, newest first.")
-def runs(cfg, store, limit):
-    """Compare the project's training runs in a table.
+@click.option("--evaluations", is_flag=True, help="One row per evaluation instead (e.g. across tasks).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="With --evaluations: also write the figures to this JSON file.")
+def runs(cfg, store, limit, evaluations, json_path):
+    """Compare the project's training runs (or evaluations) in a table.
 
-    The settings that differ between runs, eval/loss, evaluation deltas with their 95% intervals,
-    tokens/s and cost; tune trials are marked with their study and trial number.
+    Training runs: the settings that differ, eval/loss, evaluation deltas with their 95% intervals,
+    tokens/s and cost; tune trials are marked with their study and trial number. --evaluations: the
+    data, the judged run, and base -> tuned mean ± std over seeds per metric.
     """
+    import json
+    from pathlib import Path
+
     from loraflow import compare
 
-    click.echo(compare.table_text(compare.training_rows(store, limit)))
+    if not evaluations:
+        click.echo(compare.table_text(compare.training_rows(store, limit)))
+        return
+    click.echo(compare.table_text(compare.evaluation_rows(store, limit), "no finished evaluations in this experiment yet"))
+    if json_path:
+        Path(json_path).write_text(json.dumps(compare.evaluation_summary(store, limit), indent=2) + "\n")
 
 
 @cli.command("config")

@@ -333,7 +333,8 @@ def run(cfg: Config, *, store: tracking.Store | None = None, run_id: str | None 
     if tuned.train_run_id:
         warn_if_inputs_differ(cfg, store, tuned.train_run_id, prepared.digest)
     base_path = base_path or models.resolve_model_path(cfg.model.name, cfg)
-    run_tags = {Tags.DATA_DIGEST: prepared.digest, Tags.TUNED_MODEL: tuned.description[:500],
+    run_tags = {Tags.DATA_DIGEST: prepared.digest, Tags.DATA_SOURCE: prepared.source,
+                Tags.TUNED_MODEL: tuned.description[:500],
                 **({Tags.EVALUATED_RUN_ID: tuned.train_run_id} if tuned.train_run_id else {}), **(tags or {})}
     with tracking.stage_run(cfg, "evaluate", store, parent_run_id=parent_run_id, tags=run_tags) as active:
         mlflow.log_params(tracking.flat_params(cfg))
