@@ -225,3 +225,24 @@ def test_improved_examples_are_the_items_tuned_beats_base_most():
     assert list(best["index"]) == [1, 0]  # item 1 gains 0.6 on average, item 0 0.1; 2 gets worse, 3 ties
     assert best["gain_rougeL"].tolist() == pytest.approx([0.6, 0.1])
     assert list(best["tuned_output"]) == ["X", "W"]
+
+
+@pytest.mark.parametrize("merge_dtype", ["fp16", "fp32"])
+def test_a_merged_model_is_judged_in_the_dtype_it_was_merged_in(tiny_llama, write_project, merge_dtype,
+                                                                 monkeypatch, tmp_path):
+    import torch
+
+    cfg = load_config(str(write_project(tiny_llama, train={"max_steps": 1}, registry={"merge_dtype": merge_dtype})))
+    trained = train.run(cfg)
+    merged = models.merge_adapter(cfg, str(tiny_llama), trained.adapter_dir, tmp_path / "merged")
+    seen = []
+    original = models.load_model
+
+    def spy(cfg, path, **kwargs):
+        model, tokenizer = original(cfg, path, **kwargs)
+        seen.append(next(model.parameters()).dtype)
+        return model, tokenizer
+    monkeypatch.setattr(models, "load_model", spy)
+    evaluate.run(cfg, model_dir=merged, run_id=trained.run_id)
+    expected = {"fp16": torch.float16, "fp32": torch.float32}[merge_dtype]
+    assert seen == [expected, expected], "base and tuned both in the merged model's dtype"

@@ -157,8 +157,9 @@ def each_model(cfg: Config, tuned: TunedModel, base_path: str):
             yield "base", model, tokenizer
         yield "tuned", model, tokenizer
         return
+    dtype = models.saved_dtype(tuned.model_dir) or models.compute_dtype(cfg)  # a merged fp16 model is judged in fp16
     for role, path in (("base", base_path), ("tuned", str(tuned.model_dir))):
-        model, tokenizer = models.load_model(cfg, path, quantize=False)  # merged models are served unquantised
+        model, tokenizer = models.load_model(cfg, path, quantize=False, dtype=dtype)  # as served: unquantised
         yield role, model.eval(), tokenizer
         del model
 

@@ -117,6 +117,20 @@ def compute_dtype(cfg: Config):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
 
 
+def saved_dtype(folder) -> "torch.dtype | None":
+    """The dtype a model folder's weights were saved in (its config.json), or None when it does not say."""
+    import json
+
+    import torch
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype")
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name)
+
+
 def cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
