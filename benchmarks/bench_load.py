@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_serving import HOST, free_port, log_pyfunc  # noqa: E402
+from bench_serving import log_pyfunc, served  # noqa: E402
 
 MAX_REQUESTS_PER_CLIENT = 100_000
 
@@ -117,20 +116,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from loraflow import data, serving, tracking
+    from loraflow import data
 
     args = parse_args(argv)
     common.use_temporary_tracking()
     model_path = common.model_for(args.smoke)
     cfg = common.bench_config(model_path, eval={"max_new_tokens": args.max_new_tokens})
     prompt = data.prepare(cfg).splits["test"][0]["prompt"]
-    model_uri = log_pyfunc(cfg, model_path)
-    port, results = free_port(), []
-    url = f"http://{HOST}:{port}"
-    log_file = tempfile.NamedTemporaryFile(prefix="bench-load-", suffix=".log", delete=False)
-    process = serving.start_server(model_uri, tracking.connect(), HOST, port, stdout=log_file, stderr=log_file)
-    try:
-        serving.wait_until_ready(url, timeout=300, process=process)
+    model_uri, results = log_pyfunc(cfg, model_path), []
+    with served(model_uri) as (url, process, _):
         rss_start = server_rss_mb(process.pid)
         mix, deadline = request_mix(prompt, args.max_new_tokens), time.monotonic() + args.seconds
         threads = [threading.Thread(target=client, args=(url, mix, i, deadline, args.client_timeout, results))
@@ -142,9 +136,6 @@ def main(argv=None) -> dict:
             thread.join(timeout=args.seconds + args.client_timeout + 60)
         wall = time.perf_counter() - started
         rss_end = server_rss_mb(process.pid)
-    finally:
-        serving.stop_server(process)
-        log_file.close()
     return report(args, model_path, summarise(results), wall, rss_start, rss_end)
 
 

@@ -12,6 +12,7 @@ The server is always stopped; every loop is bounded.
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import tempfile
@@ -90,7 +91,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     import mlflow
 
-    from loraflow import data, serving, tracking
+    from loraflow import data
 
     args = parse_args(argv)
     common.use_temporary_tracking()
@@ -101,20 +102,29 @@ def main(argv=None) -> dict:
     params = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0}
     model_uri = log_pyfunc(cfg, model_path)
     predictor = mlflow.pyfunc.load_model(model_uri)
+    answers: dict[str, list[str]] = {}
+    with served(model_uri) as (url, _, startup):
+        latency = common.alternate(latency_arms(url, predictor, prompts[0], params, answers), args.pairs, args.warmup)
+        throughput = common.alternate(throughput_arms(url, prompts, params, args.clients), args.throughput_pairs,
+                                      args.warmup)
+    return report(args, model_path, model_uri, startup, latency, throughput, answers)
+
+
+@contextlib.contextmanager
+def served(model_uri: str):
+    """(url, server process, seconds to ready) of `mlflow models serve` on a free loopback port; always stopped."""
+    from loraflow import serving, tracking
+
     port = free_port()
     url = f"http://{HOST}:{port}"
     log_file = tempfile.NamedTemporaryFile(prefix="bench-serving-", suffix=".log", delete=False)
     process = serving.start_server(model_uri, tracking.connect(), HOST, port, stdout=log_file, stderr=log_file)
-    answers: dict[str, list[str]] = {}
     try:
         startup, _ = common.timed(lambda: serving.wait_until_ready(url, timeout=300, process=process))
-        latency = common.alternate(latency_arms(url, predictor, prompts[0], params, answers), args.pairs, args.warmup)
-        throughput = common.alternate(throughput_arms(url, prompts, params, args.clients), args.throughput_pairs,
-                                      args.warmup)
+        yield url, process, startup
     finally:
         serving.stop_server(process)
         log_file.close()
-    return report(args, model_path, model_uri, startup, latency, throughput, answers)
 
 
 def report(args, model_path, model_uri, startup, latency, throughput, answers) -> dict:

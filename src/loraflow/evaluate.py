@@ -22,7 +22,7 @@ from pathlib import Path
 
 import mlflow
 
-from loraflow import LoraflowError, data, generation, metrics, models, say, tracking, warn
+from loraflow import LoraflowError, data, generation, intervals, metrics, models, say, tracking, warn
 from loraflow.config import Config
 from loraflow.tracking import Tags, role_key
 
@@ -221,7 +221,7 @@ def summarise(cfg: Config, names: list[str], test_rows, answers: dict, losses: d
         interval = delta_interval(cfg, name, per_item, answers, references, seeds)
         for role, array in values.items():
             summary[role_key(role, name)] = float(array.mean())
-            summary[role_key(role, name, "_std")] = metrics.std_over_seeds(array)
+            summary[role_key(role, name, "_std")] = intervals.std_over_seeds(array)
         summary[role_key("delta", name)] = interval.point  # the same statistic the interval resamples
         summary[role_key("delta", name, "_ci_low")] = interval.low
         summary[role_key("delta", name, "_ci_high")] = interval.high
@@ -231,14 +231,14 @@ def summarise(cfg: Config, names: list[str], test_rows, answers: dict, losses: d
 
 
 def delta_interval(cfg: Config, name: str, per_item: dict, answers: dict, references: list[str], seeds: list):
-    """metrics.DeltaInterval of tuned - base for one metric: items x seeds resampled by item."""
+    """intervals.DeltaInterval of tuned - base for one metric: items x seeds resampled by item."""
     import numpy as np
 
     if name == "sacrebleu":
-        return metrics.corpus_bleu_delta_interval([answers["base"][s] for s in seeds],
+        return intervals.corpus_bleu_delta_interval([answers["base"][s] for s in seeds],
                                                   [answers["tuned"][s] for s in seeds], references,
                                                   samples=cfg.eval.bootstrap_samples)
-    return metrics.mean_delta_interval(np.column_stack(per_item["base"][name]),
+    return intervals.mean_delta_interval(np.column_stack(per_item["base"][name]),
                                        np.column_stack(per_item["tuned"][name]), samples=cfg.eval.bootstrap_samples)
 
 
