@@ -23,7 +23,7 @@ import common  # noqa: E402
 
 def study_arm(cfg, trials: int, storage: str, counter: list) -> callable:
     """One fresh study of `trials` trials per call; returns its trial timeline."""
-    from loraflow import tune
+    from loraflow import studies, tune
 
     def run() -> dict:
         counter[0] += 1
@@ -31,7 +31,7 @@ def study_arm(cfg, trials: int, storage: str, counter: list) -> callable:
         started = time.time()
         tune.run(cfg, n_trials=trials, study_name=name, storage=storage)
         wall = time.time() - started
-        study = tune.load_study(name, storage)
+        study = studies.load_study(name, storage)
         timeline = [{"number": t.number, "state": t.state.name, "value": t.value,
                      "done_after_seconds": t.datetime_complete.timestamp() - started if t.datetime_complete else None}
                     for t in study.get_trials()]

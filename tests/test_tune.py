@@ -17,7 +17,7 @@ import optuna
 import pytest
 from helpers import assert_one_line_error, runs_of
 
-from loraflow import LoraflowError, train, tune
+from loraflow import LoraflowError, studies, train, tune
 from loraflow.config import load_config
 
 
@@ -62,14 +62,14 @@ def test_trials_are_nested_runs_and_the_study_run_names_the_best(tune_project, r
     plots = {a.path for a in mlflow.MlflowClient().list_artifacts(study_run.info.run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/parallel_coordinate.png",
             "plots/intermediate_values.png"} <= plots
-    assert tune.best_trial_run_id("tiny") == best
+    assert studies.best_trial_run_id("tiny") == best
     assert all(run_id in out for run_id in losses)  # the table of trials
 
 
 def test_a_pruned_trial_is_killed_in_mlflow_and_pruned_in_optuna(tune_project, monkeypatch):
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda trial: trial.number == 0)
     result = tune.run(load_config(str(tune_project(pruner="median"))), n_trials=2)
-    study = tune.load_study("tiny")
+    study = studies.load_study("tiny")
     assert [t.state.name for t in study.trials] == ["PRUNED", "COMPLETE"]
     assert list(study.trials[0].intermediate_values) == [1]  # pruned at its first validation
     pruned = trial_run(0)
@@ -92,7 +92,7 @@ def test_a_failing_trial_is_recorded_failed_and_the_study_goes_on(tune_project, 
     code, out, err = run_cli("tune", tune_project(), "--n-trials", "2")
     assert code == 0, err
     assert "trial 0 failed" in err and "simulated out of memory" in err
-    assert [t.state.name for t in tune.load_study("tiny").trials] == ["FAIL", "COMPLETE"]
+    assert [t.state.name for t in studies.load_study("tiny").trials] == ["FAIL", "COMPLETE"]
     failed = trial_run(0)
     assert failed.info.status == "FAILED" and failed.data.tags["loraflow.trial_state"] == "FAILED"
     assert "simulated out of memory" in failed.data.tags["loraflow.error"]
@@ -133,7 +133,7 @@ def test_resuming_a_study_adds_trials_from_the_whole_search_space(tune_project, 
         code, _, err = run_cli("tune", project, "--study", "again", "--n-trials", str(total))
         assert code == 0, err
     assert "study 'again' already holds 2 trials" in err
-    study = tune.load_study("again")
+    study = studies.load_study("again")
     assert [t.number for t in study.trials] == [0, 1] and {t.state.name for t in study.trials} == {"COMPLETE"}
     assert len(runs_of("tune")) == 3 and len(runs_of("train")) == 2
     for run in runs_of("train", oldest_first=True):
@@ -167,7 +167,7 @@ def test_two_worker_processes_share_one_study(tune_project):
     project = tune_project()
     workers = [start_worker(project, "shared", 4, f"worker{i}") for i in range(2)]
     outputs = [output_of(worker, project, f"worker{i}") for i, worker in enumerate(workers)]
-    study = tune.load_study("shared")
+    study = studies.load_study("shared")
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]  # --n-trials 4 is the study's total
     assert {t.state.name for t in study.trials} == {"COMPLETE"}
     assert {t.user_attrs["worker_pid"] for t in study.trials} <= {worker.pid for worker in workers}
@@ -197,12 +197,12 @@ def test_bad_input_is_one_error_line_before_any_run(tune_project, run_cli, tmp_p
     store_created = (tmp_path / "mlflow.db").exists()  # config errors stop before the store is opened
     assert not store_created or not runs_of()
     journal = tmp_path / "optuna-journal.log"
-    assert not journal.exists() or not optuna.study.get_all_study_names(tune.open_storage(str(journal)))
+    assert not journal.exists() or not optuna.study.get_all_study_names(studies.open_storage(str(journal)))
 
 
 def test_a_study_keeps_its_direction(tune_project, run_cli, tmp_path):
     optuna.create_study(study_name="tiny", direction="maximize",
-                        storage=tune.open_storage(str(tmp_path / "optuna-journal.log")))
+                        storage=studies.open_storage(str(tmp_path / "optuna-journal.log")))
     code, _, err = run_cli("tune", tune_project(), "--n-trials", "1")
     assert code == 2 and "study 'tiny' was created to maximize, but tune.direction is minimize" in err
     assert not runs_of()
@@ -211,7 +211,7 @@ def test_a_study_keeps_its_direction(tune_project, run_cli, tmp_path):
 def checkpointed_trial(study_name: str, pid: int):
     """The RUNNING trial of worker `pid` once its training run wrote a complete checkpoint, else None."""
     try:
-        trials = tune.load_study(study_name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        trials = studies.load_study(study_name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
     except LoraflowError:  # the study is not created yet
         return None
     for trial in trials:
@@ -235,13 +235,13 @@ def test_a_worker_killed_mid_trial_has_its_trial_failed_killed_and_retried(tune_
     assert doomed.wait(timeout=60) == -signal.SIGKILL
     workers = {"survivor": survivor}
     out, _ = output_of(survivor, project, "survivor")
-    if any(t.state.name in ("RUNNING", "WAITING") for t in tune.load_study("kill").trials):
+    if any(t.state.name in ("RUNNING", "WAITING") for t in studies.load_study("kill").trials):
         # the survivor ended its trials while the doomed worker still lived: a restarted worker retries
         workers["restarted"] = start_worker(project, "kill", 2, "restarted")
         out, _ = output_of(workers["restarted"], project, "restarted")
     last_worker = list(workers.values())[-1]
 
-    trials = tune.load_study("kill").trials
+    trials = studies.load_study("kill").trials
     assert sorted(t.number for t in trials) == [0, 1, 2]  # 2 counted trials and the dead one: nothing lost
     [dead] = [t for t in trials if t.number == killed.number]
     assert dead.state.name == "FAIL" and dead.user_attrs["worker_pid"] == doomed.pid
@@ -279,7 +279,7 @@ def test_an_interrupted_trial_runs_again_in_the_next_worker(tune_project, monkey
         tune.run(cfg, n_trials=1)
     monkeypatch.setattr(train, "run", real_run)
     result = tune.run(cfg, n_trials=1)  # the study's total is 1: the retry of the interrupted trial is it
-    first, second = tune.load_study("tiny").trials
+    first, second = studies.load_study("tiny").trials
     assert (first.state.name, second.state.name) == ("FAIL", "COMPLETE")
     assert second.user_attrs["retried_from"] == 0 and second.params == first.params
     interrupted_run = trial_run(0)
@@ -294,7 +294,7 @@ def test_a_database_study_hands_stale_trials_to_the_same_retry(tmp_path, monkeyp
     trial it finds stale, what optuna.storages.fail_stale_trials does: FAIL, then the storage's callback."""
     monkeypatch.setenv("LORAFLOW_HEARTBEAT_SECONDS", "2")
     monkeypatch.setenv("LORAFLOW_STALE_SECONDS", "7")
-    storage = tune.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    storage = studies.open_storage(f"sqlite:///{tmp_path}/optuna.db")
     assert (storage.get_heartbeat_interval(), storage.grace_period) == (2, 7)
     study = optuna.create_study(storage=storage, study_name="db")
     trial = study.ask()
@@ -316,9 +316,9 @@ def test_a_database_study_hands_stale_trials_to_the_same_retry(tmp_path, monkeyp
 def test_workers_share_the_cores_and_a_bad_worker_count_is_refused(tune_project, run_cli, monkeypatch):
     cores = len(os.sched_getaffinity(0))
     monkeypatch.setenv("LORAFLOW_TUNE_WORKERS", "2")
-    assert tune.worker_threads() == max(1, cores // 2)
+    assert studies.worker_threads() == max(1, cores // 2)
     monkeypatch.setenv("LORAFLOW_TUNE_WORKERS", "1")
-    assert tune.worker_threads() is None  # one worker: torch's own default
+    assert studies.worker_threads() is None  # one worker: torch's own default
     monkeypatch.setenv("LORAFLOW_TUNE_WORKERS", "two")
     code, _, err = run_cli("tune", tune_project(), "--n-trials", "1")
     assert_one_line_error(code, err, "LORAFLOW_TUNE_WORKERS: expected a number of workers >= 1, got 'two'")
@@ -326,11 +326,11 @@ def test_workers_share_the_cores_and_a_bad_worker_count_is_refused(tune_project,
 
 
 def test_a_trial_whose_worker_on_another_host_went_silent_is_failed_and_queued_again(tmp_path):
-    storage = tune.open_storage(str(tmp_path / "optuna-journal.log"))
+    storage = studies.open_storage(str(tmp_path / "optuna-journal.log"))
     study = optuna.create_study(storage=storage, study_name="hosts")
     client = mlflow.MlflowClient()
     experiment_id = client.create_experiment("hosts")
-    silent_for = {"silent": tune.stale_seconds() + 60, "beating": 0, "just started": None}
+    silent_for = {"silent": studies.stale_seconds() + 60, "beating": 0, "just started": None}
     for name, seconds in silent_for.items():
         trial = study.ask()
         trial.suggest_categorical("lora.r", [2, 4, 8])
@@ -342,8 +342,8 @@ def test_a_trial_whose_worker_on_another_host_went_silent_is_failed_and_queued_a
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         trial.set_user_attr("worker_host", "elsewhere")
         trial.set_user_attr("worker_pid", 1)
-    assert tune.fail_dead_trials(study, storage) == [0]
-    assert tune.fail_dead_trials(study, storage) == []  # failed once: nothing left to claim
+    assert studies.fail_dead_trials(study, storage) == [0]
+    assert studies.fail_dead_trials(study, storage) == []  # failed once: nothing left to claim
     silent, beating, just_started, retry = study.trials
     assert (silent.state.name, beating.state.name, just_started.state.name) == ("FAIL", "RUNNING", "RUNNING")
     assert silent.user_attrs["fail_reason"] == "its worker (pid 1 on elsewhere) died mid-trial"
@@ -351,5 +351,5 @@ def test_a_trial_whose_worker_on_another_host_went_silent_is_failed_and_queued_a
     silent_run = client.get_run(silent.user_attrs["mlflow_run_id"])
     assert silent_run.info.status == "KILLED" and silent_run.data.tags["loraflow.trial_state"] == "FAILED"
     assert client.get_run(beating.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
-    assert tune.trial_counts(study.trials) == {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RETRIED": 1, "RUNNING": 2,
+    assert studies.trial_counts(study.trials) == {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RETRIED": 1, "RUNNING": 2,
                                                "WAITING": 1}

@@ -25,7 +25,7 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from loraflow import LoraflowError, models, say, serving, tracking, warn
+from loraflow import LoraflowError, models, say, serving, studies, tracking, warn
 from loraflow.config import Config
 from loraflow.tracking import EVAL_LOSS, Tags, role_key
 
@@ -74,9 +74,7 @@ def choose_run(cfg: Config, store: tracking.Store, from_run: str | None, from_st
     if from_run and from_study:
         raise LoraflowError("give --from-run or --from-study, not both")
     if from_study:
-        from loraflow import tune
-
-        from_run = tune.best_trial_run_id(from_study, storage=None, cfg=cfg)
+        from_run = studies.best_trial_run_id(from_study, storage=None, cfg=cfg)
     run = tracking.get_run(from_run or best_training_run(cfg, store), store)
     run_id = run.info.run_id
     trained_on = run.data.tags.get(Tags.BASE_MODEL)
