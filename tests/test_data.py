@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import runs_of
 
-from loraflow import LoraflowError, data
+from loraflow import LoraflowError, data, readers
 from loraflow.config import from_dict
 from loraflow.models import load_tokenizer
 from loraflow.tiny import CHAT_TEMPLATE, train_tokenizer
@@ -182,8 +182,8 @@ def test_format_detection_reads_strictly_too(tmp_path):
     path = tmp_path / "rows.json"  # JSON lines under a .json name: the format is told from the first line
     path.write_bytes(b'{"title": "Caf\xe9", "content": "A cup"}\n')
     with pytest.raises(LoraflowError, match=r"rows\.json: line 1 is not valid utf-8"):
-        data.detect_format(path, "auto")
-    assert data.detect_format(path, "auto", "latin-1") == "jsonl"
+        readers.detect_format(path, "auto")
+    assert readers.detect_format(path, "auto", "latin-1") == "jsonl"
 
 
 @pytest.mark.parametrize("fmt, encoding", [("json", "utf-8"), ("jsonl", "utf-8"), ("csv", "utf-8"),
@@ -284,3 +284,23 @@ def test_prompt_starts_with_exactly_one_bos(name):
         cfg.data.chat_template = chat
         ids = data.prompt_token_ids(tokenizer, "Blue mug", cfg)
         assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_TOKENIZERS))
+def test_conversations_learn_each_assistant_turn_in_every_template(name):
+    tokenizer, end = chat_tokenizer(name), CHAT_TOKENIZERS[name][-1]
+    cfg = from_dict({"name": "d", "data": {"path": "builtin:catalogue", "messages_field": "messages"}})
+    messages = [{"role": "user", "content": "Blue mug"}, {"role": "assistant", "content": "A mug."},
+                {"role": "user", "content": "model system"}, {"role": "assistant", "content": "A blue mug."}]
+    row = data.conversation_row({"messages": messages}, cfg)
+    if name == "refuses-answers":  # a template that cannot render an answer cannot be trained on chat data
+        with pytest.raises(LoraflowError, match="the chat template refuses the conversation") as error:
+            data.tokenize_sft([row], tokenizer, cfg)
+        assert "\n" not in str(error.value)
+        return
+    [example] = data.tokenize_sft([row], tokenizer, cfg)
+    learned = [i for i, label in enumerate(example["labels"]) if label != data.IGNORE_INDEX]
+    assert tokenizer.decode([example["input_ids"][i] for i in learned]) == "A mug." + end + "A blue mug." + end
+    prompt_ids = data.prompt_token_ids(tokenizer, row["prompt"], cfg)
+    assert example["input_ids"][:len(prompt_ids)] == prompt_ids and prompt_ids.count(tokenizer.bos_token_id) <= 1
+    assert tokenizer.decode(example["input_ids"][len(prompt_ids):]) == "A blue mug." + end

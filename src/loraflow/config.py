@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from loraflow import LoraflowError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+# An optional part of a data template, `[[Input: {input}]]`: left out when a field in it is empty.
+OPTIONAL_PART = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
 # transformers.SchedulerType's values, spelled out so a config loads without importing torch
 # (~7 s); a test checks the list against the installed transformers.
 LrScheduler = typing.Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -60,14 +63,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = opt("", "the data file (json array, jsonl, csv, txt; relative to the YAML) or builtin:catalogue")
-    format: typing.Literal["auto", "json", "jsonl", "csv", "txt"] = opt("auto", "file format; auto: by extension")
+    path: str = opt("", "the data: a file (json array, jsonl, csv, txt, parquet, arrow; relative to the YAML), a "
+                        "datasets.save_to_disk folder, hf:NAME or hub:NAME[:CONFIG] (the Hub), or builtin:catalogue")
+    format: typing.Literal["auto", "json", "jsonl", "csv", "txt", "parquet", "arrow", "hf_disk", "hub"] = opt(
+        "auto", "data format; auto: by extension, a folder is hf_disk (save_to_disk), hf:/hub: names are hub")
+    split: str = opt("train", "the split read from a DatasetDict folder or a Hub data set (e.g. train, train[:1000])")
     encoding: str = opt("utf-8", "text encoding of data.path, read strictly (a BOM is stripped)")
     strip_html: bool = opt(False, "remove <...> tags from field values (for data scraped from HTML)")
     prompt_field: str = opt("prompt", "the record field that is the prompt, when data.prompt_template is empty")
     target_field: str = opt("target", "the record field that is the answer, when data.target_template is empty")
-    prompt_template: str = opt("", 'the prompt from record fields, e.g. "Title: {title}"; empty: "{<prompt_field>}"')
-    target_template: str = opt("", 'the answer from record fields, e.g. "{content}"; empty: "{<target_field>}"')
+    prompt_template: str = opt("", 'the prompt from record fields, e.g. "{instruction}[[\\n\\nInput: {input}]]" '
+                                   '(a [[...]] part is left out if a field in it is empty); empty: "{<prompt_field>}"')
+    target_template: str = opt("", 'the answer from record fields, e.g. "{content}" ([[...]]: optional); '
+                                   'empty: "{<target_field>}"')
+    messages_field: str = opt("", "chat data: the field holding a conversation ({role, content} or ShareGPT {from, "
+                                  "value}), learned on its assistant turns; empty: prompt/target rows")
     chat_template: bool = opt(True, "wrap prompts in the tokenizer's chat template when it has one")
     system_prompt: str = opt("", "system message placed in the chat template (empty: none)")
     text_field: str = opt("text", "the raw text field for train.objective=cpt (txt files: whole lines)")
@@ -477,7 +487,37 @@ def validate(cfg: Config) -> list[str]:
     if cfg.model.kind == "seq2seq" and cfg.data.packing != "none":
         problems.append(f"data.packing: {cfg.data.packing} needs model.kind=causal (a seq2seq example is an "
                         "encoder input and its decoder labels: there is no text to pack)")
+    problems += template_problems(cfg.data) + chat_data_problems(cfg)
     return problems + metric_problems(cfg) + registry_problems(cfg) + tune_problems(cfg)
+
+
+def template_problems(data: DataConfig) -> list[str]:
+    """Templates str.format cannot fill, and optional parts `[[...]]` left open or nested."""
+    problems = []
+    for key in ("prompt_template", "target_template"):
+        template = getattr(data, key)
+        outside = OPTIONAL_PART.sub("", template)
+        if "[[" in outside or "]]" in outside or any("[[" in part for part in OPTIONAL_PART.findall(template)):
+            problems.append(f"data.{key}: an optional part [[...]] is left open or holds another one")
+        try:
+            for piece in OPTIONAL_PART.split(template):
+                list(string.Formatter().parse(piece))
+        except ValueError as exc:
+            problems.append(f"data.{key}: {exc} (a field is {{name}}; a literal brace is {{{{ or }}}})")
+    return problems
+
+
+def chat_data_problems(cfg: Config) -> list[str]:
+    """data.messages_field needs a causal model's chat template and no prompt/target templates."""
+    if not cfg.data.messages_field:
+        return []
+    problems = [f"data.{key}: set, but data.messages_field renders each conversation with the chat template: "
+                "give one" for key in ("prompt_template", "target_template") if getattr(cfg.data, key)]
+    if cfg.model.kind != "causal" or not cfg.data.chat_template or cfg.train.objective != "sft":
+        problems.append("data.messages_field: chat data needs model.kind=causal, data.chat_template=true and "
+                        "train.objective=sft (a conversation is rendered by the tokenizer's chat template)")
+    return problems
+
 
 
 def metric_problems(cfg: Config) -> list[str]:

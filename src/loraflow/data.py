@@ -5,10 +5,14 @@
     examples = data.tokenize_sft(rows, tokenizer, cfg)  # prompt tokens masked out of the loss
     blocks = data.packed_training_examples(rows, tokenizer, cfg)  # what the trainer gets, per data.packing
 
-Supported files: JSON array, JSON lines, CSV, plain text (one record per paragraph), read strictly in
-data.encoding, and the synthetic `builtin:catalogue`. Field values stay as written apart from HTML
-entities (unescaped) and, with data.strip_html, HTML tags. Malformed, empty and duplicate rows are
-dropped and counted; rows that share a prompt go whole into one split.
+Sources (files, save_to_disk folders, the Hub, builtin:catalogue) are read by `loraflow.readers`. Field
+values stay as written apart from HTML entities (unescaped) and, with data.strip_html, HTML tags. A
+template's `[[...]]` part is left out when a field in it is empty; the other fields are required.
+Malformed, empty and duplicate rows are dropped and counted; rows that share a prompt go whole into one split.
+
+Chat data (data.messages_field): a row's prompt is its conversation before the last assistant turn, as
+JSON, and its target that turn's text; it is rendered with the tokenizer's chat template, and every
+assistant turn (its text and end-of-turn token) is learned, nothing else (chat_pieces).
 
 Packing (data.packing, SFT on causal models) changes what the trainer gets, never the validation rows:
 `constant` joins every row's whole text with eos and cuts fixed blocks (every token learned, rows see
@@ -18,10 +22,7 @@ and flex attention keep each row to itself (flash attention only at train.batch_
 from __future__ import annotations
 
 import bisect
-import codecs
-import csv
 import html
-import itertools
 import json
 import random
 import re
@@ -31,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraflow import LoraflowError
-from loraflow.catalogue import catalogue_rows
-from loraflow.config import Config, DataConfig
+from loraflow.config import OPTIONAL_PART, Config, DataConfig
+from loraflow.readers import conversation, load_records
 
 SPLITS = ("train", "validation", "test")
 IGNORE_INDEX = -100
@@ -45,13 +46,12 @@ BLOCK_ELEMENTS = set("address article aside blockquote body br button caption ce
                      "tr ul video".split())
 HTML_TAG = re.compile(r"<!--.*?-->|<!doctype[^>]*>|</?([a-z][a-z0-9]*)(?:\s[^<>]*)?/?>", re.IGNORECASE | re.DOTALL)
 ANSWER_PROBE = "loraflow-answer-probe"
-SUFFIX_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv", ".txt": "txt",
-                  ".md": "txt", "": "txt"}
 
 
 @dataclass
 class PreparedData:
-    """Rows per split ({"prompt", "target"} for SFT, {"text"} for CPT) and how they were obtained."""
+    """Rows per split ({"prompt", "target"} for SFT (chat data: the prompt a JSON conversation), {"text"}
+    for CPT) and how they were obtained."""
     splits: dict[str, list[dict]]
     counts: dict[str, int]
     digest: str
@@ -83,93 +83,21 @@ def comparison_key(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def reading_encoding(encoding: str) -> str:
-    """The codec that reads data.encoding: utf-8 as utf-8-sig, which drops a byte-order mark."""
-    try:
-        name = codecs.lookup(encoding).name
-    except LookupError:
-        raise LoraflowError(f"unknown data.encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
-    return "utf-8-sig" if name == "utf-8" else name
-
-
-def decoded_lines(path: Path, encoding: str):
-    """The lines of a file, ends kept, decoded strictly (a byte-order mark dropped).
-
-    Raises LoraflowError naming the line where a byte does not decode."""
-    decoder = codecs.getincrementaldecoder(reading_encoding(encoding))(errors="strict")
-    pending, line_number = "", 0
-    with open(path, "rb") as handle:
-        for chunk in itertools.chain(handle, [b""]):
-            try:
-                pending += decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as exc:
-                raise LoraflowError(f"cannot read {path}: line {line_number + 1} is not valid {encoding} "
-                                    f"({exc.reason}: {exc.object[exc.start:exc.end]!r}); set data.encoding "
-                                    f"to the file's encoding (e.g. latin-1 or cp1252)") from None
-            if not line_number:
-                pending = pending.removeprefix("\ufeff")
-            *lines, pending = pending.split("\n")
-            for line in lines:
-                line_number += 1
-                yield line + "\n"
-    if pending:
-        yield pending
-
-
-def detect_format(path: Path, fmt: str, encoding: str = "utf-8") -> str:
-    """data.format, or for `auto` the one the suffix names (`.json`: an array if it starts with `[`, else lines)."""
-    if fmt != "auto":
-        return fmt
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIX_FORMATS:
-        raise LoraflowError(f"cannot tell the format of {path.name}: set data.format to json, jsonl, csv or txt")
-    if suffix == ".json":
-        first = next((line for line in decoded_lines(path, encoding) if line.strip()), "")
-        return "json" if first.lstrip().startswith("[") else "jsonl"
-    return SUFFIX_FORMATS[suffix]
-
-
-def read_records(path: Path, fmt: str, encoding: str = "utf-8") -> tuple[list[dict], int]:
-    """Records from a file read strictly in `encoding` and the number of malformed ones skipped."""
-    lines = decoded_lines(path, encoding)
-    try:
-        if fmt == "jsonl":
-            return read_json_lines(lines, path)
-        if fmt == "json":
-            loaded = json.loads("".join(lines))
-            if not isinstance(loaded, list):
-                raise LoraflowError(f"{path}: a JSON file must hold an array of objects")
-            records = [item for item in loaded if isinstance(item, dict)]
-            return records, len(loaded) - len(records)
-        if fmt == "csv":
-            dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
-            records = list(csv.DictReader(lines, dialect=dialect))
-            good = [r for r in records if None not in r and None not in r.values()]
-            return good, len(records) - len(good)
-        paragraphs = re.split(r"\n\s*\n", "".join(lines).replace("\r\n", "\n"))
-        return [{"text": p} for p in paragraphs if p.strip()], 0
-    except (json.JSONDecodeError, csv.Error) as exc:
-        raise LoraflowError(f"cannot read {path} as {fmt}: {str(exc).splitlines()[0]}") from None
-
-
-def read_json_lines(lines, path: Path) -> tuple[list[dict], int]:
-    records, malformed = [], 0
-    for line in filter(str.strip, lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            malformed += 1
-    if not records and malformed:
-        raise LoraflowError(f"cannot read {path} as JSON lines: none of its {malformed} lines is a JSON object")
-    return records, malformed
-
-
 def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def required_fields(template: str) -> list[str]:
+    """The fields outside the template's optional `[[...]]` parts: a row with one of them empty is dropped."""
+    return template_fields(OPTIONAL_PART.sub("", template))
+
+
+def fill_template(template: str, values: dict) -> str:
+    """`template` filled from `values`; an optional `[[...]]` part (brackets removed) only if every field in
+    it has a value. Each part is filled on its own, so braces in a value are never read as fields."""
+    pieces = OPTIONAL_PART.split(template)  # odd indices: the optional parts
+    return "".join(piece.format(**values) for index, piece in enumerate(pieces)
+                   if index % 2 == 0 or all(values.get(name) for name in template_fields(piece)))
 
 
 def templates_for(cfg: Config) -> tuple[str, str]:
@@ -182,34 +110,68 @@ def check_fields_exist(records: list[dict], needed: list[str], path: str) -> Non
     available = set().union(*(r.keys() for r in records[:200])) if records else set()
     missing = [name for name in needed if name not in available]
     if missing:
+        chat = next((k for k in ("messages", "conversations") if k in available), "")
+        hint = f"; for chat data set data.messages_field={chat}" if chat else ""
         raise LoraflowError(f"field {', '.join(map(repr, missing))} not found in {path} "
-                            f"(available: {', '.join(sorted(available)) or 'none'})")
+                            f"(available: {', '.join(sorted(available)) or 'none'}){hint}")
+
+
+def row_templates(records: list[dict], cfg: Config, source: str) -> dict[str, str]:
+    """{"prompt", "target"} templates (SFT) or {"text"} (CPT), their fields checked against the records."""
+    if cfg.train.objective == "cpt":
+        templates = {"text": "{" + cfg.data.text_field + "}"}
+    else:
+        templates = dict(zip(("prompt", "target"), templates_for(cfg)))
+    check_fields_exist(records, [name for t in templates.values() for name in template_fields(t)], source)
+    return templates
+
+
+def template_row(record: dict, templates: dict[str, str], cfg: Config) -> dict | str:
+    """The row a record gives, or why it is dropped: "malformed" (a template cannot be filled) or "empty"
+    (a required field is empty, or the answer is shorter than data.min_target_chars)."""
+    values = {k: normalise_text(v, strip_html=cfg.data.strip_html) if v is not None else ""
+              for k, v in record.items()}
+    try:
+        row = {key: fill_template(template, values).strip() for key, template in templates.items()}
+    except (KeyError, IndexError, ValueError):
+        return "malformed"
+    required = [name for template in templates.values() for name in required_fields(template)]
+    if any(not values.get(name) for name in required) or len(row.get("target", row.get("text", ""))) \
+            < cfg.data.min_target_chars:
+        return "empty"
+    return row
+
+
+def conversation_row(record: dict, cfg: Config) -> dict | str:
+    """A chat record's row: the conversation before its last assistant turn (JSON, see prompt_messages) as
+    the prompt, that turn's text as the target; turns after it are left out. Or why it is dropped:
+    "malformed" (data.messages_field is not a conversation) or "empty" (no user turn before an answer of
+    at least data.min_target_chars)."""
+    messages = conversation(record.get(cfg.data.messages_field))
+    if messages is None:
+        return "malformed"
+    messages = [{**m, "content": normalise_text(m["content"], strip_html=cfg.data.strip_html)} for m in messages]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None or len(messages[last]["content"]) < cfg.data.min_target_chars \
+            or not any(m["role"] == "user" for m in messages[:last]):
+        return "empty"
+    return {"prompt": json.dumps(messages[:last], ensure_ascii=False), "target": messages[last]["content"]}
 
 
 def records_to_rows(records: list[dict], cfg: Config, counts: dict, source: str) -> list[dict]:
-    """Fill the templates (SFT) or take the text field (CPT); count and drop empty and duplicate rows.
+    """Fill the templates (SFT), take the conversation (chat data) or the text field (CPT); count and drop
+    malformed, empty and duplicate rows.
 
     A duplicate has the prompt and target (or text) of an earlier row, compared by `comparison_key`."""
-    if cfg.train.objective == "cpt":
-        check_fields_exist(records, [cfg.data.text_field], source)
-        templates = {"text": "{" + cfg.data.text_field + "}"}
-    else:
-        prompt_template, target_template = templates_for(cfg)
-        check_fields_exist(records, template_fields(prompt_template) + template_fields(target_template), source)
-        templates = {"prompt": prompt_template, "target": target_template}
-    needed = [name for template in templates.values() for name in template_fields(template)]
+    chat = bool(cfg.data.messages_field)
+    if chat:
+        check_fields_exist(records, [cfg.data.messages_field], source)
+    templates = {} if chat else row_templates(records, cfg, source)
     rows, seen = [], set()
     for record in records:
-        values = {k: normalise_text(v, strip_html=cfg.data.strip_html) if v is not None else ""
-                  for k, v in record.items()}
-        try:
-            row = {key: template.format(**values).strip() for key, template in templates.items()}
-        except (KeyError, IndexError, ValueError):
-            counts["rows_dropped_malformed"] += 1
-            continue
-        last = row.get("target", row.get("text", ""))
-        if any(not values.get(name) for name in needed) or len(last) < cfg.data.min_target_chars:
-            counts["rows_dropped_empty"] += 1
+        row = conversation_row(record, cfg) if chat else template_row(record, templates, cfg)
+        if isinstance(row, str):
+            counts[f"rows_dropped_{row}"] += 1
             continue
         key = tuple(map(comparison_key, row.values()))
         if key in seen:
@@ -250,28 +212,6 @@ def sample_records(records: list[dict], max_rows: int, seed: int) -> list[dict]:
     return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), max_rows))]
 
 
-def load_records(cfg: Config) -> tuple[list[dict], int, str, str]:
-    """(records, malformed count, source description, digest) for data.path."""
-    from loraflow.tracking import file_digest
-
-    # Every data setting (encoding, strip_html, templates, ...) is part of the digest.
-    settings = json.dumps({k: v for k, v in vars(cfg.data).items() if k != "path"}, sort_keys=True)
-    settings += cfg.train.objective
-    if cfg.data.path.startswith("builtin:"):
-        if cfg.data.path != "builtin:catalogue":
-            raise LoraflowError(f"unknown built-in data set {cfg.data.path!r} (there is builtin:catalogue)")
-        records = catalogue_rows(cfg.data.builtin_rows, seed=0)
-        import hashlib
-        digest = hashlib.sha256((json.dumps(records) + settings).encode()).hexdigest()[:16]
-        return records, 0, cfg.data.path, digest
-    path = cfg.resolve_path(cfg.data.path)
-    if not path.is_file():
-        raise LoraflowError(f"data file not found: {path}")
-    records, malformed = read_records(path, detect_format(path, cfg.data.format, cfg.data.encoding),
-                                      cfg.data.encoding)
-    return records, malformed, str(path), file_digest(path, settings)
-
-
 def prepare(cfg: Config) -> PreparedData:
     """Read data.path, normalise, drop and count bad rows, split. Raises LoraflowError if nothing is left."""
     records, malformed, source, digest = load_records(cfg)
@@ -300,12 +240,40 @@ def uses_chat_template(tokenizer, cfg: Config) -> bool:
     return cfg.model.kind == "causal" and cfg.data.chat_template and bool(getattr(tokenizer, "chat_template", None))
 
 
+def prompt_messages(prompt: str, cfg: Config) -> list[dict]:
+    """The messages before the answer. With data.messages_field a prompt that is a JSON conversation (a
+    chat row's) is that conversation; any other prompt is one user message. data.system_prompt goes
+    first unless the conversation starts with a system message."""
+    messages = None
+    if cfg.data.messages_field and prompt.startswith("["):
+        try:
+            messages = conversation(json.loads(prompt))
+        except json.JSONDecodeError:
+            pass
+    messages = messages or [{"role": "user", "content": prompt}]
+    if cfg.data.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": cfg.data.system_prompt}, *messages]
+    return messages
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text of `messages`; a template that refuses them (jinja raise_exception) is a
+    LoraflowError."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # noqa: BLE001 - jinja's TemplateError, or whatever else a template raises
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise LoraflowError(f"the chat template refuses the conversation {json.dumps(messages)[:120]}: {reason}") \
+            from None
+
+
 def format_prompt(tokenizer, prompt: str, cfg: Config) -> str:
     """The text the model sees before the target: chat-formatted when configured and available."""
     if uses_chat_template(tokenizer, cfg):
-        messages = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
-        messages.append({"role": "user", "content": prompt})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_chat(tokenizer, prompt_messages(prompt, cfg), add_generation_prompt=True)
+    if cfg.data.messages_field:
+        raise LoraflowError(f"data.messages_field: the tokenizer of {cfg.model.name} has no chat template to "
+                            "render conversations with")
     if cfg.model.kind == "seq2seq":
         return prompt
     return prompt + "\n"
@@ -336,12 +304,54 @@ def prompt_token_ids(tokenizer, prompt: str, cfg: Config) -> list[int]:
     """The token ids a causal model sees before the target (training and generation alike): the formatted
     prompt after one bos, where the tokenizer adds one and the text (e.g. a Llama 3 chat template) has none."""
     ids = tokenizer(format_prompt(tokenizer, prompt, cfg), add_special_tokens=False)["input_ids"]
+    return missing_bos(tokenizer, ids) + ids
+
+
+def missing_bos(tokenizer, ids: list[int]) -> list[int]:
+    """[bos] if the tokenizer adds one and `ids` do not start with it, else []."""
     bos = tokenizer.bos_token_id
     # The attribute misses tokenizers whose post-processor adds bos (Llama 3 in transformers 5): ask it.
     adds_bos = getattr(tokenizer, "add_bos_token", False) or tokenizer("")["input_ids"][:1] == [bos]
-    if bos is not None and adds_bos and ids[:1] != [bos]:
-        ids = [bos] + ids
-    return ids
+    return [bos] if bos is not None and adds_bos and ids[:1] != [bos] else []
+
+
+def chat_pieces(tokenizer, messages: list[dict], end: str) -> list[tuple[str, bool]]:
+    """A conversation as the chat template renders it, cut into (text, learned) pieces up to the end of its
+    last assistant turn: an assistant turn's text through its end-of-turn token `end` is learned; the rest
+    (system and user turns, role headers, what follows `end`, an answer before any user turn) is not.
+
+    A turn starts where the conversation before it, rendered with add_generation_prompt, ends: the text
+    format_prompt gives for it. A template that renders earlier turns otherwise once more follow (one that
+    drops past reasoning, say) cannot be cut so: a LoraflowError."""
+    whole, pieces, done = render_chat(tokenizer, messages), [], 0
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant" or not any(m["role"] == "user" for m in messages[:index]):
+            continue
+        before = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
+        through = render_chat(tokenizer, messages[:index + 1])
+        if not (whole.startswith(through) and through.startswith(before)) or len(before) < done:
+            raise LoraflowError("the chat template renders a conversation's earlier turns differently once more "
+                                "turns follow, so its assistant turns cannot be told apart for the loss")
+        turn = through[len(before):]
+        stop = len(before) + (turn.rfind(end) + len(end) if end and end in turn else len(turn))
+        pieces += [(whole[done:len(before)], False), (whole[len(before):stop], True)]
+        done = stop
+    return pieces
+
+
+def conversation_token_ids(tokenizer, row: dict, cfg: Config, end: str) -> tuple[list, list, list]:
+    """(ids before the last answer, their labels, the last answer's ids) of a chat row: the earlier answers
+    are learned where they stand. Each piece is tokenised on its own, as a prompt and target are."""
+    messages = prompt_messages(row["prompt"], cfg) + [{"role": "assistant", "content": row["target"]}]
+    *pieces, (answer, _) = chat_pieces(tokenizer, messages, end)
+    ids, labels = [], []
+    for text, learned in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if learned else [IGNORE_INDEX] * len(piece)
+    bos = missing_bos(tokenizer, ids)
+    answer += "" if answer.endswith(end) else end  # a template without an end-of-turn token: end is eos
+    return bos + ids, [IGNORE_INDEX] * len(bos) + labels, tokenizer(answer, add_special_tokens=False)["input_ids"]
 
 
 def fit_to_length(prompt_ids: list[int], target_ids: list[int], max_length: int) -> tuple[list, list]:
@@ -355,23 +365,29 @@ def fit_to_length(prompt_ids: list[int], target_ids: list[int], max_length: int)
 
 
 def sft_token_ids(rows: list[dict], tokenizer, cfg: Config):
-    """(prompt ids, target ids) per row, uncut: the prompt as the model sees it, the target with its end token."""
+    """(prompt ids, prompt labels, target ids) per row, uncut: the prompt as the model sees it, labelled -100
+    but for a conversation's earlier assistant turns, and the target with its end token."""
     end = end_of_target(tokenizer, cfg)
     for row in rows:
-        yield (prompt_token_ids(tokenizer, row["prompt"], cfg),
+        if cfg.data.messages_field:
+            yield conversation_token_ids(tokenizer, row, cfg, end)
+            continue
+        prompt_ids = prompt_token_ids(tokenizer, row["prompt"], cfg)
+        yield (prompt_ids, [IGNORE_INDEX] * len(prompt_ids),
                tokenizer(row["target"] + end, add_special_tokens=False)["input_ids"])
 
 
 def tokenize_sft(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
-    """input_ids/labels per row; labels are -100 on the prompt, so only the target is learned."""
+    """input_ids/labels per row; labels are -100 on the prompt, so only the target is learned (and, in a
+    conversation, every assistant turn)."""
     if cfg.model.kind == "seq2seq":
         return [tokenize_seq2seq(row, tokenizer, cfg) for row in rows]
     examples = []
-    for prompt_ids, target_ids in sft_token_ids(rows, tokenizer, cfg):
-        prompt_ids, target_ids = fit_to_length(prompt_ids, target_ids, cfg.data.max_length)
-        labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids
+    for prompt_ids, prompt_labels, target_ids in sft_token_ids(rows, tokenizer, cfg):
+        kept_ids, target_ids = fit_to_length(prompt_ids, target_ids, cfg.data.max_length)
+        labels = prompt_labels[len(prompt_ids) - len(kept_ids):] + target_ids
         if any(label != IGNORE_INDEX for label in labels):
-            examples.append({"input_ids": prompt_ids + target_ids, "labels": labels})
+            examples.append({"input_ids": kept_ids + target_ids, "labels": labels})
     return examples
 
 
@@ -393,7 +409,7 @@ def constant_blocks(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
 
     Rows see each other: a block starts anywhere in a row and attends to the rows before it in the block."""
     eos, stream = tokenizer.eos_token_id, []
-    for prompt_ids, target_ids in sft_token_ids(rows, tokenizer, cfg):
+    for prompt_ids, _, target_ids in sft_token_ids(rows, tokenizer, cfg):
         stream += prompt_ids + target_ids
         if eos is not None and stream[-1] != eos:  # a target that already ends with eos gets no second one
             stream.append(eos)

@@ -133,3 +133,43 @@ def validation_loss(model, tokenizer, rows: list[dict], cfg: Config) -> float:
         tokens = int((labels != data.IGNORE_INDEX).sum())
         total, count = total + float(loss) * tokens, count + tokens
     return total / count if count else float("nan")
+
+
+def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation as a causal model sees it before the assistant's answer: rendered by the tokenizer's
+    chat template with the assistant's turn opened, after at most one bos (as data.prompt_token_ids)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    # as data.prompt_token_ids: the attribute misses tokenizers whose post-processor adds bos, so ask it
+    adds_bos = getattr(tokenizer, "add_bos_token", False) or tokenizer("")["input_ids"][:1] == [bos]
+    if bos is not None and adds_bos and ids[:1] != [bos]:
+        ids = [bos] + ids
+    return ids
+
+
+def generate_from_ids(model, tokenizer, prompt_ids: list[int], cfg: Config, *, seed: int | None = None,
+                      deadline: float | None = None, stop_strings: list[str] | None = None) -> list[int]:
+    """The new token ids a causal model generates after one already-encoded prompt.
+
+    Decoding is `generate`'s (greedy unless eval.temperature > 0, the same stop tokens, `seed`, the
+    deadline), so the answer equals `generate`'s for a prompt that encodes to `prompt_ids`. The ids end
+    with the stop token when one was generated; `stop_strings` also end generation (transformers'
+    StopStringCriteria). Past `deadline`, DeadlinePassed carries the text decoded so far.
+    """
+    import torch
+    import transformers
+
+    settings = generation_settings(model, tokenizer, cfg)
+    if stop_strings:
+        settings = {**settings, "stop_strings": stop_strings, "tokenizer": tokenizer}
+    if seed is not None:
+        transformers.set_seed(seed)
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                stopping_criteria=deadline_criteria(deadline), **settings)
+    new_ids = output[0, len(prompt_ids):].tolist()
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlinePassed([tokenizer.decode(new_ids, skip_special_tokens=True).strip()])
+    return new_ids

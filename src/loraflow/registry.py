@@ -30,6 +30,9 @@ from loraflow.config import Config
 from loraflow.tracking import EVAL_LOSS, Tags, role_key
 
 PREVIOUS_ALIAS = "previous"
+# Version tag: the URI of the chat flavour logged beside the pyfunc (`loraflow serve --chat` serves it).
+# Here until it joins tracking.Tags with the rest of the run contract.
+CHAT_MODEL_TAG = "loraflow.chat_model_uri"
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
@@ -303,8 +306,11 @@ def run(cfg: Config, *, store: tracking.Store | None = None, from_run: str | Non
                                       f"not registered: {why} (--force registers anyway)", summary=summary)
             info = serving.log_model(cfg, merged_dir)
             mlflow.log_metrics(tracking.evaluation_means(summary), model_id=info.model_id)  # the model's own figures
+            chat = serving.log_chat_model(cfg, merged_dir) if serving.has_chat_flavour(cfg, merged_dir) else None
             card = model_card(cfg, source, summary, from_study)
             labels = version_tags(cfg, source, summary, from_study, force and not passed, active.info.run_id)
+            if chat is not None:
+                labels[CHAT_MODEL_TAG] = chat.model_uri
             version, previous = register_version(cfg, store, info.model_uri, labels, card,
                                                  probe_prompt(cfg, prepared))
             mlflow.set_tag(Tags.REGISTERED_VERSION, version.version)

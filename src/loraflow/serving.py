@@ -2,12 +2,15 @@
 
     loraflow serve quickstart                       # models:/<registry.model_name>@champion on 127.0.0.1:5001
     loraflow serve quickstart --model-uri models:/quickstart/3 --port 5002
+    loraflow serve quickstart --chat                # the champion's OpenAI-style chat flavour
     curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\
          -d '{"dataframe_records": [{"prompt": "Title: Oak desk"}], "params": {"max_new_tokens": 64}}'
 
 `TextGenerator` loads the merged model folder stored with the pyfunc and answers one string per
 prompt row; `log_model` logs it with an explicit signature (the generation params) and explicit
-pip requirements. `start_server`, `wait_until_ready` and `predict_over_http` drive
+pip requirements. `log_chat_model` logs the same folder and settings as `ChatGenerator`
+(served_chat_model.py), MLflow's chat-completions flavour, for projects whose prompts go through
+a chat template. `start_server`, `wait_until_ready` and `predict_over_http` drive
 `mlflow models serve` from Python (the pipeline's serve check and the README demo use them).
 
 Every request is bounded:
@@ -127,11 +130,14 @@ def serving_config(settings: dict) -> Config:
 
 
 def saved_settings(cfg: Config) -> dict:
-    """What `serving_config` needs: prompt formatting, dtype, batching and the max_new_tokens cap."""
+    """What `serving_config` needs: prompt formatting, dtype, batching, the default answer length, the
+    max_new_tokens cap and the model's name (registry.model_name, resolved: what a chat answer names)."""
     keep = {"model": ("kind", "dtype", "trust_remote_code"), "data": ("chat_template", "system_prompt", "max_length"),
-            "eval": ("batch_size", "repetition_penalty"), "registry": ("max_new_tokens_cap",)}
+            "eval": ("batch_size", "repetition_penalty", "max_new_tokens"), "registry": ("max_new_tokens_cap",)}
     values = cfg.to_dict()
-    return {section: {key: values[section][key] for key in keys} for section, keys in keep.items()}
+    settings = {section: {key: values[section][key] for key in keys} for section, keys in keep.items()}
+    settings["registry"]["model_name"] = cfg.model_name
+    return settings
 
 
 def request_config(cfg: Config, settings: dict) -> Config:
@@ -158,6 +164,22 @@ def prompt_tails(tokenizer, prompt: str):
     return len(ids), lambda k: tokenizer.decode(ids[len(ids) - k:])
 
 
+def cut_from_left(tokenizer, text: str, room: int, length) -> str | None:
+    """`text` cut from the left until `length(text)` (its encoded length in context) is at most `room`;
+    None when even an empty text would not fit."""
+    encoded = length(text)
+    if encoded <= room:
+        return text
+    bare, tail = prompt_tails(tokenizer, text)
+    keep = room - (encoded - bare)  # the tokens around the text stay
+    while keep > 0:  # tokens may merge differently at the cut: re-encode and shrink until it fits
+        excess = length(tail(keep)) - room
+        if excess <= 0:
+            return tail(keep)
+        keep -= excess
+    return None
+
+
 def fit_prompt(tokenizer, prompt: str, room: int, cfg: Config) -> str:
     """`prompt` cut from the left until it is at most `room` tokens as generation encodes it (chat
     template included); 400 when the template alone leaves no room."""
@@ -166,18 +188,48 @@ def fit_prompt(tokenizer, prompt: str, room: int, cfg: Config) -> str:
     def length(text: str) -> int:
         return len(generation.encode_prompts(tokenizer, [text], cfg)[0])
 
-    encoded = length(prompt)
-    if encoded <= room:
-        return prompt
-    bare, tail = prompt_tails(tokenizer, prompt)
-    keep = room - (encoded - bare)  # the template's tokens stay
-    while keep > 0:  # tokens may merge differently at the cut: re-encode and shrink until it fits
-        excess = length(tail(keep)) - room
-        if excess <= 0:
-            return tail(keep)
-        keep -= excess
-    raise invalid(f"no room for the prompt: the model reads {room} tokens besides the answer "
-                  "and the prompt format alone takes more; lower max_new_tokens")
+    fitted = cut_from_left(tokenizer, prompt, room, length)
+    if fitted is None:
+        raise invalid(f"no room for the prompt: the model reads {room} tokens besides the answer "
+                      "and the prompt format alone takes more; lower max_new_tokens")
+    return fitted
+
+
+def load_served_model(context):
+    """(config, model, tokenizer) of a pyfunc context: the saved settings and the merged folder, in eval mode."""
+    from loraflow import models
+
+    request_budget()  # a bad LORAFLOW_REQUEST_SECONDS stops the server at start, not every request
+    cfg = serving_config(context.model_config or {})
+    model, tokenizer = models.load_model(cfg, context.artifacts["model"], quantize=False)
+    model.eval()
+    return cfg, model, tokenizer
+
+
+def run_in_turn(lock: threading.Lock, started: float, budget: float, work, hint: str):
+    """`work(deadline)` holding `lock`, within the request's budget counted from `started`.
+
+    Waiting past the budget is 503, generation past it 504 (with `hint`, what to send instead), an
+    unexpected error 500 naming its type; the lock is free again on every exit.
+    """
+    from loraflow import generation
+
+    if not lock.acquire(timeout=max(0.0, started + budget - time.monotonic())):
+        raise MlflowException(f"the server is busy: no turn came within this request's budget of {budget:g} s "
+                              f"(${REQUEST_SECONDS_ENV}); retry later", error_code=TEMPORARILY_UNAVAILABLE)
+    try:
+        return work(started + budget)
+    except generation.DeadlinePassed:
+        raise MlflowException(f"generation stopped: the request passed its budget of {budget:g} s "
+                              f"(${REQUEST_SECONDS_ENV}); {hint}", error_code=DEADLINE_EXCEEDED) from None
+    except MlflowException:
+        raise
+    except Exception as exc:  # the scoring server would answer 400 with the traceback in the body
+        logger.exception("generation failed")
+        raise MlflowException(f"generation failed ({type(exc).__name__}); the server log has the details",
+                              error_code=INTERNAL_ERROR) from None
+    finally:
+        lock.release()
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
@@ -189,12 +241,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context):
-        from loraflow import models
-
-        request_budget()  # a bad LORAFLOW_REQUEST_SECONDS stops the server at start, not every request
-        self.cfg = serving_config(context.model_config or {})
-        self.model, self.tokenizer = models.load_model(self.cfg, context.artifacts["model"], quantize=False)
-        self.model.eval()
+        self.cfg, self.model, self.tokenizer = load_served_model(context)
         self.context_tokens = context_length(self.model, self.tokenizer)
         self.lock = threading.Lock()
 
@@ -205,13 +252,8 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         settings = checked_params(params, self.cfg.registry.max_new_tokens_cap)
         if not prompts:
             return []
-        if not self.lock.acquire(timeout=max(0.0, started + budget - time.monotonic())):
-            raise MlflowException(f"the server is busy: no turn came within this request's budget of {budget:g} s "
-                                  f"(${REQUEST_SECONDS_ENV}); retry later", error_code=TEMPORARILY_UNAVAILABLE)
-        try:
-            return self.generate(prompts, settings, deadline=started + budget, budget=budget)
-        finally:
-            self.lock.release()
+        return run_in_turn(self.lock, started, budget, lambda deadline: self.generate(prompts, settings, deadline),
+                           hint="send fewer rows or a smaller max_new_tokens")
 
     def prompt_room(self, max_new_tokens: int) -> int | None:
         """Tokens a prompt may take: the context, less the answer's share for a causal model."""
@@ -219,26 +261,15 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
             return None
         return self.context_tokens - (max_new_tokens if self.cfg.model.kind == "causal" else 0)
 
-    def generate(self, prompts: list[str], settings: dict, deadline: float, budget: float) -> list[str]:
-        """Answers under the lock; the deadline and unexpected errors become clean MlflowExceptions."""
+    def generate(self, prompts: list[str], settings: dict, deadline: float) -> list[str]:
+        """Answers, under the lock (see run_in_turn)."""
         from loraflow import generation
 
-        try:
-            room = self.prompt_room(settings["max_new_tokens"])
-            if room is not None:  # tokenised under the lock: a fast tokenizer is not safe across threads
-                prompts = [fit_prompt(self.tokenizer, p, room, self.cfg) for p in prompts]
-            return generation.generate(self.model, self.tokenizer, prompts, request_config(self.cfg, settings),
-                                       seed=settings["seed"], deadline=deadline, progress=False)
-        except generation.DeadlinePassed:
-            raise MlflowException(f"generation stopped: the request passed its budget of {budget:g} s "
-                                  f"(${REQUEST_SECONDS_ENV}); send fewer rows or a smaller max_new_tokens",
-                                  error_code=DEADLINE_EXCEEDED) from None
-        except MlflowException:
-            raise
-        except Exception as exc:  # the scoring server would answer 400 with the traceback in the body
-            logger.exception("generation failed")
-            raise MlflowException(f"generation failed ({type(exc).__name__}); the server log has the details",
-                                  error_code=INTERNAL_ERROR) from None
+        room = self.prompt_room(settings["max_new_tokens"])
+        if room is not None:  # tokenised under the lock: a fast tokenizer is not safe across threads
+            prompts = [fit_prompt(self.tokenizer, p, room, self.cfg) for p in prompts]
+        return generation.generate(self.model, self.tokenizer, prompts, request_config(self.cfg, settings),
+                                   seed=settings["seed"], deadline=deadline, progress=False)
 
 
 def model_signature(cfg: Config):
@@ -281,6 +312,39 @@ def log_model(cfg: Config, merged_dir: str | Path, name: str = "model"):
         pip_requirements=pip_requirements(), model_config=saved_settings(cfg), code_paths=[str(package)])
 
 
+def has_chat_flavour(cfg: Config, model_dir: str | Path) -> bool:
+    """Whether the model in `model_dir` is also logged as a chat model: prompts go through its tokenizer's
+    chat template (a causal model, data.chat_template, a template in the tokenizer)."""
+    from loraflow import data, models
+
+    return data.uses_chat_template(models.load_tokenizer(str(model_dir)), cfg)
+
+
+def log_chat_model(cfg: Config, merged_dir: str | Path, name: str = "chat_model"):
+    """Log the merged folder as a `ChatGenerator` (served_chat_model.py) in the active run; returns the ModelInfo.
+
+    The same artifact, settings, requirements and code as `log_model`; MLflow sets the chat signature
+    and, while logging, loads the model and answers the input example once (one token here).
+    """
+    import loraflow
+
+    package = Path(loraflow.__file__).parent
+    example = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1, "temperature": 0.0, "n": 1,
+               "stream": False}
+    # MLflow warns that ChatParams' defaults for temperature, n and stream will go for any input example
+    # with params (pyfunc save_model), even one that sets all three, as this one does.
+    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
+    quiet = lambda record: "Default values for temperature, n and stream" not in record.getMessage()  # noqa: E731
+    pyfunc_logger.addFilter(quiet)
+    try:
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=str(package / "served_chat_model.py"), artifacts={"model": str(merged_dir)},
+            input_example=example, pip_requirements=pip_requirements(), model_config=saved_settings(cfg),
+            code_paths=[str(package)])
+    finally:
+        pyfunc_logger.removeFilter(quiet)
+
+
 def default_model_uri(cfg: Config) -> str:
     return f"models:/{cfg.model_name}@{cfg.registry.alias}"
 
@@ -299,6 +363,30 @@ def check_model_exists(model_uri: str, store: tracking.Store) -> None:
     except MlflowException:
         raise LoraflowError(f"no model at {model_uri} in {tracking.redact(store.uri)}: "
                             "run `loraflow register` first or pass --model-uri") from None
+
+
+def registered_version(model_uri: str, store: tracking.Store):
+    """The model version a models:/NAME@ALIAS or models:/NAME/VERSION URI names (a one-line error otherwise)."""
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    if not model_uri.startswith("models:/") or not (alias or "/" in name):
+        raise LoraflowError(f"--chat needs a registered version (models:/NAME@ALIAS or models:/NAME/VERSION), "
+                            f"got {model_uri}")
+    check_model_exists(model_uri, store)
+    client = store.client()
+    return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(*name.split("/", 1))
+
+
+def chat_model_uri(model_uri: str, store: tracking.Store) -> str:
+    """The chat flavour logged beside the version `model_uri` names (its version tag); a one-line error if none."""
+    from loraflow.registry import CHAT_MODEL_TAG  # to be tracking.Tags', with the rest of the run contract
+
+    version = registered_version(model_uri, store)
+    chat_uri = version.tags.get(CHAT_MODEL_TAG)
+    if not chat_uri:
+        raise LoraflowError(f"{model_uri} (version {version.version} of {version.name}) has no chat flavour: one "
+                            "is registered with causal models whose prompts use a chat template (data.chat_template "
+                            "and a tokenizer that has one); serve it without --chat")
+    return chat_uri
 
 
 def serve_command(model_uri: str, host: str, port: int, workers: int = 1, timeout: int | None = None) -> list[str]:
@@ -397,15 +485,22 @@ def predict_over_http(url: str, prompts: list[str], params: dict | None = None, 
 
 
 def run(cfg: Config, store: tracking.Store, *, host: str = "127.0.0.1", port: int = 5001,
-        model_uri: str | None = None, workers: int = 1, timeout: int | None = None) -> None:
+        model_uri: str | None = None, workers: int = 1, timeout: int | None = None, chat: bool = False) -> None:
     """`loraflow serve`: run `mlflow models serve` in the foreground; its exit code becomes ours.
 
-    SIGTERM or Ctrl+C stops the whole server (its own process group) before loraflow exits, so the
-    port is free again.
+    With `chat`, the server runs the chat flavour registered beside the version (chat completions:
+    POST /invocations with {"messages": [...]}). SIGTERM or Ctrl+C stops the whole server (its own
+    process group) before loraflow exits, so the port is free again.
     """
     model_uri = model_uri or default_model_uri(cfg)
     check_model_exists(model_uri, store)
-    say(f"serving {model_uri} on http://{host}:{port} (POST /invocations)")
+    if chat:
+        served = chat_model_uri(model_uri, store)
+        say(f"serving the chat flavour of {model_uri} ({served}) on http://{host}:{port} "
+            '(POST /invocations with {"messages": [...]})')
+        model_uri = served
+    else:
+        say(f"serving {model_uri} on http://{host}:{port} (POST /invocations)")
     process = start_server(model_uri, store, host, port, workers=workers, timeout=timeout)
     try:
         code = process.wait()
