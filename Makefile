@@ -11,7 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# the CPU build of torch (a local wheel on these machines); a GPU machine may install its own first
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[dev]"
+	# server: the PostgreSQL drivers and basic-auth app that tests/test_scale_out.py uses
+	$(PIP) install -q -e ".[dev,server]"
 	touch $@
 
 setup: $(VENV)/.installed
