@@ -114,8 +114,8 @@ def time_mlflow_logging(trainer) -> list:
 
 def without_autocast(make_arguments):
     """train.training_arguments with bf16 (autocast) off; the weights stay as load_model made them."""
-    def make(cfg, output_dir, bf16, has_eval):
-        return make_arguments(cfg, output_dir, False, has_eval)
+    def make(cfg, output_dir, bf16):
+        return make_arguments(cfg, output_dir, False)
     return make
 
 

@@ -79,17 +79,41 @@ def prepare(cfg, store):
 @click.option("--resume", type=click.BOOL, is_flag=False, flag_value=True, default=False,
               help="Continue the interrupted (or --run-id) training run from its checkpoint.")
 @click.option("--run-id", default=None, help="With --resume: the MLflow run to continue.")
-def train(cfg, store, resume, run_id):
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this host training one adapter together (torchrun; one per GPU).")
+def train(cfg, store, resume, run_id, nproc):
     """Train a LoRA/QLoRA adapter (SFT or CPT).
 
     One MLflow run: params, train/loss per step, eval/loss at intervals, tokens, time, memory,
     cost, the adapter and plots/loss_curve.png. Checkpoints allow --resume in the same run.
+    With --nproc N (or under torchrun), N processes train it by data parallelism (FSDP or DeepSpeed
+    per train.fsdp / train.deepspeed) and rank 0 alone logs: see docs/distributed.md.
     """
+    from loraflow import distributed, tracking
     from loraflow import train as train_stage
 
-    result = train_stage.run(cfg, store=store, resume=resume, run_id=run_id)
-    click.echo(f"run {result.run_id}: eval/loss={result.eval_loss:.4f} "
-               f"tokens/s={result.metrics['train/tokens_per_second']:.0f}")
+    if nproc > 1:
+        code, error = distributed.launch(rank_arguments(click.get_current_context().params), nproc, store)
+        if error:
+            click.echo(f"error: {error}", err=True)
+        sys.exit(code)
+    try:
+        result = train_stage.run(cfg, store=store, resume=resume, run_id=run_id)
+    except BaseException as exc:
+        distributed.record_rank_failure(exc)  # under torchrun: for the job's one error line
+        raise
+    if tracking.is_main_process():
+        click.echo(f"run {result.run_id}: eval/loss={result.eval_loss:.4f} "
+                   f"tokens/s={result.metrics['train/tokens_per_second']:.0f}")
+
+
+def rank_arguments(params: dict) -> list[str]:
+    """The command every rank of a `train --nproc` job runs: this one's project, overrides and resume options
+    (the store and experiment go by environment)."""
+    argv = ["train", params["project"], *[arg for value in params["overrides"] for arg in ("--set", value)]]
+    argv += ["--overrides", params["overrides_text"]] if params["overrides_text"] else []
+    argv += ["--resume"] if params["resume"] else []
+    return argv + (["--run-id", params["run_id"]] if params["run_id"] else [])
 
 
 @cli.command()
@@ -168,7 +192,8 @@ def serve(cfg, store, host, port, model_uri, workers, timeout, chat):
     """
     from loraflow import serving
 
-    serving.run(cfg, store, host=host, port=port, model_uri=model_uri, workers=workers, timeout=timeout, chat=chat)
+    serving.run(cfg, store, host=host, port=port, model_uri=model_uri, workers=workers, timeout=timeout,
+                chat=chat)
 
 
 @cli.command()

@@ -126,6 +126,9 @@ class TrainConfig:
     store_outage_seconds: float = opt(600.0, "how long metric writes wait out an unanswering tracking store before "
                                              "the run checkpoints and fails")
     output_dir: str = opt("outputs", "checkpoints and adapters go to <output_dir>/<name>/<run id>")
+    fsdp: str = opt("", "FSDP2 across the job's processes: full_shard or shard_grad_op, optionally with offload and "
+                        "auto_wrap (empty: each process holds the whole model)")
+    deepspeed: str = opt("", "DeepSpeed config JSON passed to the Trainer (relative to the YAML; empty: none)")
 
 
 @dataclass
@@ -445,6 +448,11 @@ def with_values(cfg: Config, values: dict[str, object]) -> Config:
     return from_dict(cfg.to_dict(), name=cfg.name, source=cfg.source, overrides=values)
 
 
+# TrainingArguments.fsdp words FSDP2 takes (transformers.trainer_utils.FSDPOption minus the FSDP1-only ones),
+# spelled out so a config loads without importing transformers; a test checks them against FSDPOption.
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
+FSDP1_ONLY = ("no_shard", "hybrid_shard", "hybrid_shard_zero2")
+
 # --- validation ------------------------------------------------------------------------------------
 
 POSITIVE = ("lora.r", "lora.alpha", "train.learning_rate", "train.batch_size", "train.grad_accum",
@@ -488,7 +496,7 @@ def validate(cfg: Config) -> list[str]:
         problems.append(f"data.packing: {cfg.data.packing} needs model.kind=causal (a seq2seq example is an "
                         "encoder input and its decoder labels: there is no text to pack)")
     problems += template_problems(cfg.data) + chat_data_problems(cfg)
-    return problems + metric_problems(cfg) + registry_problems(cfg) + tune_problems(cfg)
+    return problems + metric_problems(cfg) + registry_problems(cfg) + tune_problems(cfg) + sharding_problems(cfg)
 
 
 def template_problems(data: DataConfig) -> list[str]:
@@ -518,6 +526,36 @@ def chat_data_problems(cfg: Config) -> list[str]:
                         "train.objective=sft (a conversation is rendered by the tokenizer's chat template)")
     return problems
 
+
+def sharding_problems(cfg: Config) -> list[str]:
+    """train.fsdp words FSDP2 does not take, sharding quantised weights, FSDP and DeepSpeed together, and a
+    DeepSpeed file that is missing, not JSON, or ZeRO-3 over quantised weights."""
+    words, quantized = cfg.train.fsdp.split(), cfg.model.quantization != "none"
+    problems = [f"train.fsdp: {word} needs FSDP1, which transformers 5 deprecates; use full_shard or shard_grad_op"
+                if word in FSDP1_ONLY else f"train.fsdp: unknown option {word!r} (one of {', '.join(FSDP_OPTIONS)})"
+                for word in words if word not in FSDP_OPTIONS]
+    if {"full_shard", "shard_grad_op"} <= set(words):
+        problems.append("train.fsdp: full_shard and shard_grad_op are two strategies; give one")
+    if words and quantized:
+        problems.append(f"train.fsdp: cannot shard model.quantization={cfg.model.quantization} weights (bitsandbytes "
+                        "keeps them as integers without a float bnb_4bit_quant_storage, which loraflow does not set); "
+                        "shard the unquantised model instead, or train nf4 without train.fsdp")
+    if words and cfg.train.deepspeed:
+        problems.append("train.fsdp and train.deepspeed both set: give one")
+    if not cfg.train.deepspeed:
+        return problems
+    path = cfg.resolve_path(cfg.train.deepspeed)
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return problems + [f"train.deepspeed: cannot read {path} as JSON ({str(exc).splitlines()[0]})"]
+    stage = settings.get("zero_optimization", {}).get("stage") if isinstance(settings, dict) else None
+    if not isinstance(settings, dict):
+        problems.append(f"train.deepspeed: {path} is not a JSON object")
+    elif stage == 3 and quantized:
+        problems.append(f"train.deepspeed: ZeRO stage 3 cannot partition model.quantization={cfg.model.quantization} "
+                        "weights (no float bnb_4bit_quant_storage); use stage 2 or model.quantization=none")
+    return problems
 
 
 def metric_problems(cfg: Config) -> list[str]:

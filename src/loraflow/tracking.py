@@ -158,6 +158,8 @@ def connect(uri: str | None = None, experiment: str | None = None, cfg: Config |
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or local_defaults()["tracking_uri"]
     mlflow.set_tracking_uri(uri)
+    if not is_main_process():  # a torchrun job's other ranks leave the store to rank 0
+        return Store(uri, os.environ.get("MLFLOW_EXPERIMENT_ID", ""))
     if uri.startswith("sqlite:///"):
         create_store_once(Path(uri.removeprefix("sqlite:///")))
     active = mlflow.active_run()
@@ -172,6 +174,11 @@ def connect(uri: str | None = None, experiment: str | None = None, cfg: Config |
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or (cfg.name if cfg else "Default")
         experiment_id = get_or_create_experiment(uri, name)
     return Store(uri, experiment_id)
+
+
+def is_main_process() -> bool:
+    """False in ranks > 0 of a torchrun job (its RANK and WORLD_SIZE): only rank 0 talks to MLflow."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
 
 
 def create_store_once(db: Path) -> None:

@@ -2,15 +2,18 @@
 
     loraflow train quickstart --set train.max_steps=20
     loraflow train quickstart --resume             # continue the interrupted run from its checkpoint
+    loraflow train quickstart --nproc 2            # one run trained by 2 processes (docs/distributed.md)
     result = train.run(cfg)                         # TrainResult(run_id, eval_loss, ...)
 
 The Hugging Face Trainer runs the loop; loraflow logs to MLflow itself: params, `train/loss` per
 step, `eval/loss` at intervals (the same token-weighted estimator as the evaluate stage), the label
 tokens actually trained on, time, memory and cost, the adapter, and a loss-curve plot. SIGTERM or
-Ctrl+C saves a checkpoint and ends the run KILLED; `--resume` continues it in the same run.
+Ctrl+C saves a checkpoint and ends the run KILLED; `--resume` continues it in the same run. In a
+torchrun job (or --nproc) every rank trains and rank 0 alone talks to MLflow: one run for the job.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -26,11 +29,13 @@ import mlflow
 
 from loraflow import LoraflowError, data, generation, models, say, tracking, warn
 from loraflow.config import Config
+from loraflow.distributed import Ranks
 from loraflow.tracking import EVAL_LOSS, TRAIN_LOSS, Tags
 
 TRAINER_METRICS = {"loss": TRAIN_LOSS, "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
 COMPLETE_MARKER = "loraflow_checkpoint.json"  # written after everything else: a checkpoint without it is partial
 BEST_MARKER = "loraflow_best.json"  # step and validation loss of the adapter kept as the best
+NOT_LOGGED = ("training_args.bin", BEST_MARKER)  # what Trainer.save_model and loraflow add to an adapter folder
 
 
 @dataclass
@@ -77,50 +82,76 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
 
+
 def loraflow_callback(cfg: Config, tokenizer, eval_rows: list[dict], state: dict, stopper: StopOnSignal,
-                      on_eval: Callable[[int, float], None] | None):
+                      on_eval: Callable[[int, float], None] | None, ranks: Ranks | None = None):
     """The TrainerCallback that logs, evaluates (token-weighted), keeps the best adapter, stops early,
     counts tokens and honours signals.
 
-    `state` holds {"tokens": label tokens trained on so far, "eval": {step: loss}, "seconds": training
-    time before this process}; it is saved with each checkpoint, so a resumed run keeps counting.
-    state["best_dir"] holds the adapter of the lowest validation loss so far (its step and loss beside it).
+    `state` holds {"tokens": label tokens this process trained on (plus, on rank 0, those of the earlier
+    processes of a resumed run), "eval": {step: loss}, "seconds": training time before this process}; the
+    checkpoint saves them, so a resumed run keeps counting. state["best_dir"] holds the adapter of the lowest
+    validation loss so far (its step and loss beside it). In a job, rank 0 decides and logs; the ranks agree
+    at each step's end (and log) on whether to save and stop, so that they all leave the loop together.
     """
     from transformers import TrainerCallback
 
-    def write(control, metrics: dict, step: int) -> None:
+    ranks = ranks or Ranks()
+
+    def write(metrics: dict, step: int) -> None:
         """Buffered: a busy store delays the values; one gone too long stops training after a checkpoint."""
         try:
             state["metrics"].log(metrics, step)
         except tracking.StoreUnavailable as exc:
             state["store_error"] = exc
+
+    def agree_to_stop(control, early: bool = False):
+        signum, store_down, early = ranks.reduce([stopper.signum or 0, "store_error" in state, early], "max")
+        if signum or store_down:
             control.should_save = control.should_training_stop = True
+        if early:
+            control.should_training_stop = True
+        return control
 
     class LoraflowCallback(TrainerCallback):
+        def on_epoch_begin(self, args, trainer_state, control, **kwargs):
+            # group_by_length shuffles with the global CPU generator, on each rank, before every epoch; on CPU the
+            # LoRA dropout of unequal batches moves it unequally, so the ranks would split different orders.
+            if ranks.world_size > 1:
+                import torch
+
+                torch.set_rng_state(ranks.from_main(torch.get_rng_state()))
+
         def on_log(self, args, trainer_state, control, logs=None, **kwargs):
             metrics = {TRAINER_METRICS[k]: float(v) for k, v in (logs or {}).items() if k in TRAINER_METRICS}
-            if metrics and trainer_state.global_step > state["logged_through"]:  # never a step twice
-                write(control, metrics, trainer_state.global_step)
+            if ranks.main and metrics and trainer_state.global_step > state["logged_through"]:  # never a step twice
+                write(metrics, trainer_state.global_step)
+            return agree_to_stop(control)
 
         def on_step_end(self, args, trainer_state, control, model=None, **kwargs):
-            step = trainer_state.global_step
+            step, early = trainer_state.global_step, False
             if eval_rows and (step % cfg.train.eval_steps == 0 or step >= trainer_state.max_steps):
-                state["eval"][step] = evaluate_now(model, tokenizer, eval_rows, cfg)
-                if step > state["logged_through"]:
-                    write(control, {EVAL_LOSS: state["eval"][step]}, step)
-                keep_if_best(model, state, step)
-                if stop_early(cfg, state, step):
-                    control.should_training_stop = True
+                # Every rank evaluates the same rows (a sharded model's forward needs them all); rank 0's figure counts.
+                loss = evaluate_now(model, tokenizer, eval_rows, cfg)
+                loss, improved = ranks.from_main((loss, ranks.main and improves(state, loss)))
+                state["eval"][step] = loss
+                if improved:
+                    keep_best(state, step, ranks)
+                if ranks.main:
+                    if step > state["logged_through"]:
+                        write({EVAL_LOSS: loss}, step)
+                    early = stop_early(cfg, state, step)
                 if on_eval:
-                    on_eval(step, state["eval"][step])
-            if stopper.signum is not None or state.get("store_error"):
-                control.should_save = control.should_training_stop = True
-            return control
+                    on_eval(step, loss)
+            return agree_to_stop(control, early)
 
         def on_save(self, args, trainer_state, control, **kwargs):
-            folder = Path(args.output_dir) / f"checkpoint-{trainer_state.global_step}"
-            saved = {"tokens": state["tokens"], "eval": state["eval"], "seconds": training_seconds(state)}
-            (folder / COMPLETE_MARKER).write_text(json.dumps(saved))
+            # The sum is also a barrier: every rank has written its part of the checkpoint before the marker.
+            saved = {"tokens": int(ranks.reduce([state["tokens"]])[0]), "eval": state["eval"],
+                     "seconds": training_seconds(state), "world_size": ranks.world_size}
+            if args.should_save:  # the process that wrote the checkpoint
+                folder = Path(args.output_dir) / f"checkpoint-{trainer_state.global_step}"
+                (folder / COMPLETE_MARKER).write_text(json.dumps(saved))
 
     return LoraflowCallback()
 
@@ -131,12 +162,18 @@ def best_so_far(state: dict) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def keep_if_best(model, state: dict, step: int) -> None:
-    """Save the adapter when this evaluation is the lowest validation loss yet (a LoRA adapter is small)."""
-    best, loss = best_so_far(state), state["eval"][step]
-    if best is None or loss < best["loss"]:
-        model.save_pretrained(state["best_dir"])
-        (state["best_dir"] / BEST_MARKER).write_text(json.dumps({"step": step, "loss": loss}))
+def improves(state: dict, loss: float) -> bool:
+    """True when `loss` is the lowest validation loss yet (asked on rank 0, which writes the marker)."""
+    best = best_so_far(state)
+    return best is None or loss < best["loss"]
+
+
+def keep_best(state: dict, step: int, ranks: Ranks) -> None:
+    """Save the adapter as the best (a LoRA adapter is small) through Trainer.save_model, on every rank: under
+    FSDP or ZeRO-3 gathering the weights takes them all; the main process writes."""
+    state["save_adapter"](str(state["best_dir"]))
+    if ranks.main:
+        (state["best_dir"] / BEST_MARKER).write_text(json.dumps({"step": step, "loss": state["eval"][step]}))
 
 
 def stop_early(cfg: Config, state: dict, step: int) -> bool:
@@ -178,6 +215,8 @@ def count_trained_tokens(model, cfg: Config, state: dict):
 
 
 def training_arguments(cfg: Config, output_dir: Path, bf16: bool):
+    """The Trainer's arguments; under torchrun, reading their .device starts the process group (gloo on CPU,
+    nccl on GPU: ddp_backend None lets accelerate choose by device)."""
     import torch
     from transformers import TrainingArguments
 
@@ -193,11 +232,30 @@ def training_arguments(cfg: Config, output_dir: Path, bf16: bool):
         bf16=bf16, report_to="none", train_sampling_strategy="group_by_length",
         remove_unused_columns=False, dataloader_num_workers=cfg.train.dataloader_workers, disable_tqdm=False,
         gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # every LoRA weight is in every forward: no search for unused ones
+        **sharding_arguments(cfg),
     )
 
 
-def build_trainer(cfg: Config, model, tokenizer, prepared: data.PreparedData, output_dir: Path, callback=None):
-    """A Trainer on the tokenised (and per data.packing packed) training split, with loraflow's callback attached.
+def sharding_arguments(cfg: Config) -> dict:
+    """FSDP2 (train.fsdp, given as fsdp_config: transformers 5 deprecates the string form) or DeepSpeed."""
+    import importlib.util
+
+    words = cfg.train.fsdp.split()
+    if words:  # auto_wrap is FSDP2's default: each decoder layer (the model's _no_split_modules) is a unit
+        return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": "shard_grad_op" not in words,
+                                              "cpu_offload": "offload" in words}}
+    if cfg.train.deepspeed:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise LoraflowError("train.deepspeed needs the deepspeed package: pip install deepspeed")
+        return {"deepspeed": str(cfg.resolve_path(cfg.train.deepspeed))}
+    return {}
+
+
+def build_trainer(cfg: Config, model, tokenizer, prepared: data.PreparedData, output_dir: Path, callback=None,
+                  args=None):
+    """A Trainer on the tokenised (and per data.packing packed) training split, with loraflow's callback attached
+    (and `args` if made already, else training_arguments for `output_dir`).
 
     The plain transformers Trainer, not TRL's SFTTrainer: see training_collator."""
     import datasets
@@ -208,7 +266,7 @@ def build_trainer(cfg: Config, model, tokenizer, prepared: data.PreparedData, ou
     if not train_examples:
         raise LoraflowError("no training examples left after tokenisation (check data.max_length)")
     return Trainer(
-        model=model, args=training_arguments(cfg, output_dir, models.compute_dtype(cfg) == torch.bfloat16),
+        model=model, args=args or training_arguments(cfg, output_dir, models.compute_dtype(cfg) == torch.bfloat16),
         train_dataset=datasets.Dataset.from_list(train_examples),
         data_collator=training_collator(cfg, model, tokenizer), callbacks=[callback] if callback else [])
 
@@ -278,12 +336,15 @@ def find_resumable_run(cfg: Config, store: tracking.Store, run_id: str | None) -
                         "has a complete checkpoint on this machine (or pass --run-id)")
 
 
-def resumed_state(checkpoint: Path | None, run_id: str) -> dict:
+def resumed_state(checkpoint: Path | None, run_id: str, ranks: Ranks | None = None) -> dict:
     """The counts saved with the checkpoint, and the last step the run logged (a process killed after its
-    last checkpoint logged steps the resumed one repeats: those are not logged again)."""
+    last checkpoint logged steps the resumed one repeats: those are not logged again). The saved token count
+    is the job's: rank 0 carries it on, so the sum over the ranks stays the run's total."""
+    ranks = ranks or Ranks()
     saved = json.loads((checkpoint / COMPLETE_MARKER).read_text()) if checkpoint else {}
-    history = mlflow.MlflowClient().get_metric_history(run_id, TRAIN_LOSS) if checkpoint else []
-    return {"logged_through": max((m.step for m in history), default=0), "tokens": int(saved.get("tokens", 0)),
+    history = mlflow.MlflowClient().get_metric_history(run_id, TRAIN_LOSS) if checkpoint and ranks.main else []
+    return {"logged_through": max((m.step for m in history), default=0),
+            "tokens": int(saved.get("tokens", 0)) if ranks.main else 0,
             "eval": {int(k): v for k, v in saved.get("eval", {}).items()},
             "seconds": float(saved.get("seconds", 0.0)), "started": time.perf_counter()}
 
@@ -310,14 +371,21 @@ def plot_loss_curve(run_id: str, title: str):
     return figure
 
 
-def log_adapter(cfg: Config, model, tokenizer, state: dict, run_id: str) -> Path:
-    """Log the best adapter on validation loss (the last one without evaluation) as `adapter/` and as an
-    MLflow logged model of the run, tagged on the run as loraflow.adapter_model_id."""
+def adapter_to_log(state: dict) -> Path:
+    """The folder of the adapter the run logs: the best on validation loss, else the last one, saved now (on
+    every rank, like keep_best)."""
+    if state["eval"]:
+        return state["best_dir"]
+    last = Path(tempfile.mkdtemp(prefix="loraflow-last-adapter-"))
+    state["save_adapter"](str(last))
+    return last
+
+
+def log_adapter(cfg: Config, source: Path, tokenizer, run_id: str) -> Path:
+    """Log the adapter in `source` as `adapter/` and as an MLflow logged model of the run, tagged on the run as
+    loraflow.adapter_model_id."""
     adapter_dir = Path(tempfile.mkdtemp(prefix="loraflow-adapter-")) / "adapter"
-    if best_so_far(state) is not None:
-        shutil.copytree(state["best_dir"], adapter_dir, ignore=shutil.ignore_patterns(BEST_MARKER))
-    else:
-        model.save_pretrained(adapter_dir)
+    shutil.copytree(source, adapter_dir, ignore=shutil.ignore_patterns(*NOT_LOGGED))
     tokenizer.save_pretrained(adapter_dir)
     mlflow.log_artifacts(str(adapter_dir), "adapter")
     logged = mlflow.initialize_logged_model(name=f"{cfg.name}-adapter", source_run_id=run_id,
@@ -330,12 +398,16 @@ def log_adapter(cfg: Config, model, tokenizer, state: dict, run_id: str) -> Path
     return adapter_dir
 
 
-def final_metrics(cfg: Config, trainer, state: dict) -> dict:
+def final_metrics(cfg: Config, trainer, state: dict, world_size: int = 1) -> dict:
+    """The end-of-run figures; state["tokens"] and state["peak_memory_mb"] are the job's (summed, largest)
+    when several processes trained."""
     wall_seconds = training_seconds(state)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     metrics = {"train/tokens": state["tokens"], "train/wall_seconds": wall_seconds,
                "train/tokens_per_second": state["tokens"] / max(wall_seconds, 1e-9),
-               "train/peak_memory_mb": peak_memory_mb(),
+               "train/peak_memory_mb": state.get("peak_memory_mb") or peak_memory_mb(),
+               "train/world_size": world_size,
+               "train/global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size,
                "train/cost_usd": wall_seconds / 3600 * cfg.train.price_per_hour,
                "train/trainable_params": trainable, "train/total_params": total,
                "train/steps": trainer.state.global_step}
@@ -354,46 +426,79 @@ def run(cfg: Config, *, store: tracking.Store | None = None, resume: bool = Fals
 
     `prepared` and `base_path` let a caller that already prepared the data and resolved the model
     (the pipeline) pass them on; `run_id` without `resume` logs into an existing run (a tune trial).
+    In a torchrun job every rank calls this: rank 0 makes (or finds) the run and gives the others its id.
     """
+    import torch
+
     if not cfg.train.enabled:
         raise LoraflowError("train.enabled is false in this config: it evaluates the base model only "
                             "(use `loraflow evaluate` or `loraflow pipeline`)")
+    args = training_arguments(cfg, Path(cfg.train.output_dir).resolve() / cfg.name,
+                              models.compute_dtype(cfg) == torch.bfloat16)
+    device = args.device  # under torchrun: the process group starts here, as the Trainer would start it
+    if args.world_size > 1 and device.type == "cpu":
+        # accelerate names a CPU rank's device cpu:0, which torch.load refuses as map_location: transformers 5.17
+        # resumes a job's optimizer with map_location=args.device, so a CPU job could not resume. Its cached value:
+        args.__dict__["_setup_devices"] = device = torch.device("cpu")
+    ranks = Ranks(args.process_index, args.world_size, device)
     store = store or tracking.connect(cfg=cfg)
     checkpoint = None
-    if resume:
+    if resume and ranks.main:
         run_id, checkpoint = find_resumable_run(cfg, store, run_id)
+        trained_by = json.loads((checkpoint / COMPLETE_MARKER).read_text()).get("world_size", 1)
+        if trained_by != ranks.world_size:  # another global batch and data order: not the same run
+            raise LoraflowError(f"{checkpoint.name} was trained by {trained_by} process(es): resume it with as "
+                                f"many (--nproc {trained_by}), not {ranks.world_size}")
         say(f"resuming run {run_id} from {checkpoint.name}")
     prepared = prepared or data.prepare(cfg)
     base_path = base_path or models.resolve_model_path(cfg.model.name, cfg)
-    with tracking.stage_run(cfg, "train", store, run_id=run_id, parent_run_id=parent_run_id, tags=tags,
-                            system_metrics=True) as active, StopOnSignal() as stopper:
-        run_id = active.info.run_id
-        output_dir = Path(cfg.train.output_dir).resolve() / cfg.name / run_id
-        mlflow.set_tags({Tags.OUTPUT_DIR: str(output_dir), Tags.BASE_MODEL_PATH: base_path})
-        if not resume:
-            mlflow.log_params(tracking.flat_params(cfg))
-            tracking.log_config(cfg)
-            data.log_prepared(cfg, prepared)
-        model, tokenizer = models.load_model(cfg, base_path)
-        model = models.attach_lora(model, cfg)
-        state = resumed_state(checkpoint, run_id)
-        state["metrics"] = tracking.MetricBuffer(run_id, cfg.train.store_outage_seconds)
-        state["best_dir"] = output_dir / "best_adapter"  # beside the checkpoints, so a resumed run keeps it
-        eval_rows = prepared.splits["validation"][:cfg.train.eval_rows or None]
-        callback = loraflow_callback(cfg, tokenizer, eval_rows, state, stopper, on_eval)
-        trainer = build_trainer(cfg, model, tokenizer, prepared, output_dir, callback)
-        count_trained_tokens(trainer.model, cfg, state)
-        state["started"] = time.perf_counter()
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if stopper.signum is not None:
-            raise Interrupted(stopper.signum, run_id)
-        if state.get("store_error"):
-            raise LoraflowError(f"{state['store_error']}; checkpoint saved: continue with "
-                                f"`loraflow train ... --resume --run-id {run_id}`")
+    opened = tracking.stage_run(cfg, "train", store, run_id=run_id, parent_run_id=parent_run_id, tags=tags,
+                                system_metrics=True) if ranks.main else contextlib.nullcontext()
+    with opened as active, StopOnSignal() as stopper:
+        run_id, checkpoint = ranks.from_main((active.info.run_id, checkpoint) if ranks.main else None)
+        args.output_dir = str(Path(args.output_dir) / run_id)  # known only now; the Trainer reads it when saving
+        if ranks.main:
+            mlflow.set_tags({Tags.OUTPUT_DIR: args.output_dir, Tags.BASE_MODEL_PATH: base_path})
+            if not resume:
+                mlflow.log_params(tracking.flat_params(cfg))
+                tracking.log_config(cfg)
+                data.log_prepared(cfg, prepared)
+        return train_in_run(cfg, args, ranks, stopper, run_id, checkpoint, prepared, base_path, on_eval, keep_model)
+
+
+def train_in_run(cfg: Config, args, ranks: Ranks, stopper: StopOnSignal, run_id: str, checkpoint: Path | None,
+                 prepared: data.PreparedData, base_path: str, on_eval, keep_model: bool) -> TrainResult:
+    """Load, train, sum the ranks' counts; rank 0 logs the figures, the adapter and the loss curve."""
+    import transformers
+
+    transformers.set_seed(cfg.train.seed)  # the same LoRA initialisation in every process, run and job
+    model, tokenizer = models.load_model(cfg, base_path)
+    model = models.attach_lora(model, cfg)
+    state = resumed_state(checkpoint, run_id, ranks)
+    state["metrics"] = tracking.MetricBuffer(run_id, cfg.train.store_outage_seconds) if ranks.main else None
+    state["best_dir"] = Path(args.output_dir) / "best_adapter"  # beside the checkpoints, so a resumed run keeps it
+    eval_rows = prepared.splits["validation"][:cfg.train.eval_rows or None]
+    callback = loraflow_callback(cfg, tokenizer, eval_rows, state, stopper, on_eval, ranks)
+    trainer = build_trainer(cfg, model, tokenizer, prepared, Path(args.output_dir), callback, args)
+    state["save_adapter"] = trainer.save_model
+    count_trained_tokens(trainer.model, cfg, state)
+    state["started"] = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    signum, store_down = ranks.reduce([stopper.signum or 0, "store_error" in state], "max")  # a late signal too
+    if signum:
+        raise Interrupted(int(signum), run_id)
+    if store_down:
+        raise LoraflowError(f"{state.get('store_error', 'rank 0 lost the tracking store')}; checkpoint saved: "
+                            f"continue with `loraflow train ... --resume --run-id {run_id}`")
+    state["tokens"] = int(ranks.reduce([state["tokens"]])[0])
+    state["peak_memory_mb"] = ranks.reduce([peak_memory_mb()], "max")[0]
+    if ranks.main:
         state["metrics"].drain()  # values still queued from a busy spell
-        metrics = final_metrics(cfg, trainer, state)
+    metrics = ranks.from_main(final_metrics(cfg, trainer, state, ranks.world_size) if ranks.main else None)
+    adapter_dir = adapter_to_log(state)
+    if ranks.main:
         mlflow.log_metrics(metrics, step=trainer.state.global_step)
-        adapter_dir = log_adapter(cfg, trainer.model, tokenizer, state, run_id)
+        adapter_dir = log_adapter(cfg, adapter_dir, tokenizer, run_id)
         tracking.log_figure_png(plot_loss_curve(run_id, f"{cfg.name}: loss"), "plots/loss_curve.png")
     return TrainResult(run_id=run_id, eval_loss=metrics.get("eval/best_loss", float("nan")), adapter_dir=adapter_dir,
                        metrics=metrics, model=trainer.model if keep_model else None)
