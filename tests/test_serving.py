@@ -261,3 +261,29 @@ def test_predict_answers_with_the_registered_model_without_a_server(tiny_llama, 
     assert len(out.rstrip("\n").split("\n")) == 2
     code, _, err = run_cli("predict", project, "hi", "--model-uri", "models:/tiny@nobody")
     assert_one_line_error(code, err, "no model at models:/tiny@nobody")
+
+
+def test_dockerfile_holds_the_registered_model_and_its_requirements(tiny_llama, write_project, run_cli, tmp_path):
+    """`serve --dockerfile DIR` writes the build context of an image serving the champion: a Dockerfile that copies
+    the model in, installs its requirements and serves it (MLflow's container entry point, port 8080), the model's
+    files, and its pinned requirements."""
+    project = write_project(tiny_llama, train={"max_steps": 1}, registry={"min_improvement": -1.0})
+    assert run_cli("train", project)[0] == 0
+    assert run_cli("register", project)[0] == 0
+    folder = tmp_path / "image"
+    code, _, err = run_cli("serve", project, "--dockerfile", str(folder))
+    assert code == 0, err
+    dockerfile = (folder / "Dockerfile").read_text()
+    assert "COPY model_dir /opt/ml/model" in dockerfile and "_install_pyfunc_deps" in dockerfile
+    assert "_serve(" in dockerfile.splitlines()[-1]
+    model = folder / "model_dir"
+    [mlmodel] = model.rglob("MLmodel")
+    assert "python_function" in mlmodel.read_text()
+    requirements = next(model.rglob("requirements.txt")).read_text()
+    assert all(package in requirements for package in ("torch", "transformers", "mlflow"))
+    assert list(model.rglob("model.safetensors")), "the merged weights travel with the image"
+    assert list(model.rglob("served_model.py")) or list(model.rglob("serving.py")), "loraflow's code travels too"
+
+    code, _, err = run_cli("serve", project, "--dockerfile", str(folder))
+    assert_one_line_error(code, err, "not an empty folder")
+    assert (folder / "Dockerfile").read_text() == dockerfile  # the first context is left as it was

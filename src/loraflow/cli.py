@@ -179,7 +179,10 @@ def register(cfg, store, from_run, from_study, force):
 @click.option("--timeout", default=None, type=int, help="Seconds a request may take (default: MLflow's, 60).")
 @click.option("--chat", type=click.BOOL, is_flag=False, flag_value=True, default=False,
               help="Serve the version's OpenAI-style chat flavour (chat-template projects) instead.")
-def serve(cfg, store, host, port, model_uri, workers, timeout, chat):
+@click.option("--dockerfile", "dockerfile", default=None, metavar="DIR",
+              help="Do not serve: write DIR/Dockerfile and the model, the context to `docker build` an image "
+                   "serving it on port 8080.")
+def serve(cfg, store, host, port, model_uri, workers, timeout, chat, dockerfile):
     """Serve the registered model over REST.
 
     Runs `mlflow models serve` on models:/NAME@champion. Example requests (the second with --chat):
@@ -193,7 +196,7 @@ def serve(cfg, store, host, port, model_uri, workers, timeout, chat):
     from loraflow import serving
 
     serving.run(cfg, store, host=host, port=port, model_uri=model_uri, workers=workers, timeout=timeout,
-                chat=chat)
+                chat=chat, dockerfile=dockerfile)
 
 
 @cli.command()

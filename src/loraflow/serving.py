@@ -3,6 +3,7 @@
     loraflow serve quickstart                       # models:/<registry.model_name>@champion on 127.0.0.1:5001
     loraflow serve quickstart --model-uri models:/quickstart/3 --port 5002
     loraflow serve quickstart --chat                # the champion's OpenAI-style chat flavour
+    loraflow serve quickstart --dockerfile image/   # a Dockerfile and the model, to build a container image
     curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\
          -d '{"dataframe_records": [{"prompt": "Title: Oak desk"}], "params": {"max_new_tokens": 64}}'
 
@@ -40,6 +41,7 @@ import logging
 import math
 import numbers
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -484,8 +486,28 @@ def predict_over_http(url: str, prompts: list[str], params: dict | None = None, 
         raise LoraflowError(f"the model server answered {exc.code}: {detail.splitlines()[0][:300]}") from None
 
 
+def write_dockerfile(model_uri: str, store: tracking.Store, folder: str | Path) -> Path:
+    """`loraflow serve --dockerfile DIR`: DIR/Dockerfile and DIR/model_dir, the build context of an image that
+    serves `model_uri` on port 8080 (`mlflow models generate-dockerfile`, so `docker build DIR` makes what
+    `mlflow models build-docker` would). The model's pip requirements go into the image's Python; loraflow's
+    code travels inside the model (code_paths), so the image needs no loraflow.
+    """
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise LoraflowError(f"--dockerfile {folder}: exists and is not an empty folder; give a new one")
+    command = [sys.executable, "-m", "mlflow", "models", "generate-dockerfile", "-m", model_uri, "-d", str(folder),
+               "--env-manager", "local"]
+    done = subprocess.run(command, env=server_env(store), capture_output=True, text=True)
+    if done.returncode != 0 or not (folder / "Dockerfile").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise LoraflowError(f"mlflow models generate-dockerfile failed: {lines[-1] if lines else done.returncode}")
+    return folder
+
+
 def run(cfg: Config, store: tracking.Store, *, host: str = "127.0.0.1", port: int = 5001,
-        model_uri: str | None = None, workers: int = 1, timeout: int | None = None, chat: bool = False) -> None:
+        model_uri: str | None = None, workers: int = 1, timeout: int | None = None, chat: bool = False,
+        dockerfile: str | None = None) -> None:
     """`loraflow serve`: run `mlflow models serve` in the foreground; its exit code becomes ours.
 
     With `chat`, the server runs the chat flavour registered beside the version (chat completions:
@@ -494,13 +516,16 @@ def run(cfg: Config, store: tracking.Store, *, host: str = "127.0.0.1", port: in
     """
     model_uri = model_uri or default_model_uri(cfg)
     check_model_exists(model_uri, store)
+    what, request = model_uri, "POST /invocations"
     if chat:
-        served = chat_model_uri(model_uri, store)
-        say(f"serving the chat flavour of {model_uri} ({served}) on http://{host}:{port} "
-            '(POST /invocations with {"messages": [...]})')
-        model_uri = served
-    else:
-        say(f"serving {model_uri} on http://{host}:{port} (POST /invocations)")
+        model_uri = chat_model_uri(model_uri, store)
+        what, request = f"the chat flavour of {what} ({model_uri})", 'POST /invocations with {"messages": [...]}'
+    if dockerfile:
+        folder = write_dockerfile(model_uri, store, dockerfile)
+        say(f"wrote {folder}/Dockerfile and the model of {what}: `docker build -t NAME {folder}`, then "
+            f"`docker run -p 5001:8080 NAME` ({request})")
+        return
+    say(f"serving {what} on http://{host}:{port} ({request})")
     process = start_server(model_uri, store, host, port, workers=workers, timeout=timeout)
     try:
         code = process.wait()
