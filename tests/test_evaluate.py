@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import assert_one_line_error, runs_of
 
-from loraflow import LoraflowError, data, evaluate, generation, models, train
+from loraflow import data, evaluate, generation, models, train
 from loraflow.config import load_config
 
 METRICS = ("rouge1", "rougeL")

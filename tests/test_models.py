@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import runs_of
 
-from loraflow import LoraflowError, models, train
+from loraflow import LoraflowError, models
 from loraflow.config import EMBEDDED_MODEL, from_dict, load_config
 
 
