@@ -235,6 +235,54 @@ def test_max_rows_is_a_seeded_sample_not_the_head(tmp_path):
     assert sampled(split_seed=7) != first
 
 
+
+def test_where_keeps_the_rows_whose_fields_match_in_full(tmp_path):
+    """One exported file, three evaluation sets: data.where picks a task's rows (before data.max_rows samples)."""
+    tasks = ["qa"] * 6 + ["summarization"] * 5 + ["qa-long"] * 4 + [None] * 2
+    path = write_jsonl(tmp_path / "mixed.jsonl", [json.dumps({"title": f"T{i}", "content": f"C{i}", "task": task})
+                                                  for i, task in enumerate(tasks)])
+
+    def kept(where, **values):
+        prepared = data.prepare(config_for(path, where=where, **values))
+        return prepared, sorted(int(r["prompt"].removeprefix("Title: T")) for s in prepared.splits.values() for r in s)
+
+    prepared, rows = kept({"task": "qa"})
+    assert rows == list(range(6))  # "qa-long" does not fully match "qa"
+    assert prepared.counts["rows_not_matching"] == 11 and prepared.counts["rows_read"] == 6
+    assert kept({"task": "qa|summarization"})[1] == list(range(11))
+    assert kept({"task": "qa.*"})[1] == [*range(6), *range(11, 15)]
+    assert kept({"task": "qa.*", "title": "T[0-9]"})[1] == list(range(6))  # every field must match
+    assert kept({"task": ""})[1] == [15, 16]  # a missing value is the empty text
+    prepared, rows = kept({"task": "qa|qa-long"}, max_rows=5)
+    assert len(rows) == 5 and set(rows) <= set(range(6)) | set(range(11, 15))
+    assert "rows_not_matching" not in data.prepare(config_for(path)).counts
+
+    with pytest.raises(LoraflowError, match="no record of .* matches data.where"):
+        data.prepare(config_for(path, where={"task": "translation"}))
+    with pytest.raises(LoraflowError, match="field 'kind' not found"):
+        data.prepare(config_for(path, where={"kind": "qa"}))
+    with pytest.raises(LoraflowError, match=r"data.where.task: '\(' is not a regular expression"):
+        config_for(path, where={"task": "("})
+
+
+def test_train_subset_is_a_seeded_share_of_the_training_split_only(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [json.dumps({"title": f"Item {i}", "content": f"Text {i}"})
+                                                 for i in range(100)])
+    whole = data.prepare(config_for(path, val_fraction=0.2, test_fraction=0.0))
+
+    def subset(**values):
+        return data.prepare(config_for(path, val_fraction=0.2, test_fraction=0.0, train_subset=0.25, **values))
+    part = subset()
+    assert len(whole.splits["train"]) == 80 and len(part.splits["train"]) == 20
+    assert part.counts["rows_train"] == 20 and part.counts["rows_train_unused"] == 60
+    assert part.splits["validation"] == whole.splits["validation"]  # held-out rows untouched
+    assert all(row in whole.splits["train"] for row in part.splits["train"])
+    assert part.splits["train"] != whole.splits["train"][:20] and subset().splits["train"] == part.splits["train"]
+    assert subset(split_seed=7).splits["train"] != part.splits["train"]
+    with pytest.raises(LoraflowError, match=r"data.train_subset: must be in \(0, 1\]"):
+        config_for(path, train_subset=0.0)
+
+
 LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
                    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
                    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")

@@ -246,3 +246,41 @@ def test_a_merged_model_is_judged_in_the_dtype_it_was_merged_in(tiny_llama, writ
     evaluate.run(cfg, model_dir=merged, run_id=trained.run_id)
     expected = {"fp16": torch.float16, "fp32": torch.float32}[merge_dtype]
     assert seen == [expected, expected], "base and tuned both in the merged model's dtype"
+
+
+def test_the_base_model_is_asked_its_own_prompt(tiny_llama, write_project, run_cli):
+    """data.base_prompt_template: the base answers (and is scored on) the plain prompt, the tuned model the one
+    it was trained on; both prompts are in the details."""
+    project = write_project(tiny_llama, data={"base_prompt_template": "Plain {title}"})
+    assert run_cli("train", project)[0] == 0
+    code, _, err = run_cli("evaluate", project)
+    assert code == 0, err
+    [run] = runs_of("evaluate")
+    details = details_of(run.info.run_id)
+    assert all(d["prompt"].startswith("Describe: ") and d["base_prompt"].startswith("Plain ") for d in details)
+    assert all(d["prompt"].removeprefix("Describe: ") == d["base_prompt"].removeprefix("Plain ") for d in details)
+
+    cfg = load_config(str(project))
+    base, tokenizer = models.load_model(cfg, str(tiny_llama))
+    expected = generation.generate(base, tokenizer, [d["base_prompt"] for d in details], cfg, progress=False)
+    assert [d["base_output"] for d in details] == expected
+    validation = data.prepare(cfg).splits["validation"][:cfg.train.eval_rows]
+    plain = [{**row, "prompt": row["base_prompt"]} for row in validation]
+    assert run.data.metrics["base/loss"] == pytest.approx(generation.validation_loss(base, tokenizer, plain, cfg))
+    assert run.data.metrics["base/loss"] != pytest.approx(generation.validation_loss(base, tokenizer, validation, cfg))
+    side_by_side = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/eval/side_by_side.csv").splitlines()[0]
+    assert side_by_side.startswith("seed,index,prompt,base_prompt,reference,base_output,tuned_output")
+
+
+def test_eval_split_validation_answers_the_validation_rows(tiny_llama, write_project, run_cli):
+    """An 80/20 train/validation split (no test split): eval.split=validation judges the validation prompts."""
+    project = write_project(tiny_llama, data={"val_fraction": 0.2, "test_fraction": 0.0},
+                            eval={"split": "validation", "num_samples": 5})
+    assert run_cli("train", project)[0] == 0
+    code, _, err = run_cli("evaluate", project)
+    assert code == 0, err
+    [run] = runs_of("evaluate")
+    validation = data.prepare(load_config(str(project))).splits["validation"]
+    assert [d["prompt"] for d in details_of(run.info.run_id)] == [row["prompt"] for row in validation[:5]]
+    code, _, err = run_cli("evaluate", project, "--set", "eval.split=test")
+    assert_one_line_error(code, err, "no test split: set data.test_fraction > 0 (or eval.split=validation)")

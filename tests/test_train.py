@@ -261,3 +261,59 @@ def test_cost_is_hours_times_the_price_of_the_experiments_machine():
              "best_dir": Path("/nonexistent")}
     metrics = train.final_metrics(cfg, trainer, state)
     assert metrics["train/cost_usd"] == pytest.approx(2.35 * 0.30, abs=1e-3)  # 0.705: "0.71 USD" in the report
+
+
+def test_generated_answer_metrics_are_logged_at_each_evaluation(tiny_llama, write_project, run_cli):
+    """train.eval_metrics: eval/sacrebleu (and token_f1) at every step eval/loss is logged, each the corpus score
+    of what the adapter of that step answers; generating leaves the training itself as it was."""
+    sections = {"lora": {"r": 4, "alpha": 8, "dropout": 0.1}}  # dropout draws random numbers: generation must not
+    plain = write_project(tiny_llama, "plain.yaml", **sections)
+    scored = write_project(tiny_llama, "scored.yaml", **sections, train={"eval_metrics": ["sacrebleu", "token_f1"],
+                                                                         "eval_rows": 6, "save_steps": 100})
+    assert run_cli("train", plain)[0] == 0
+    code, _, err = run_cli("train", scored)
+    assert code == 0, err
+    without, with_scores = runs_of("train", oldest_first=True)
+    client = mlflow.MlflowClient()
+
+    def history(run, key):
+        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+    assert history(with_scores, "train/loss") == history(without, "train/loss")
+    assert history(with_scores, "eval/loss") == history(without, "eval/loss")
+    steps = sorted(history(with_scores, "eval/loss"))
+    assert steps == [2, 4]
+    assert sorted(history(with_scores, "eval/sacrebleu")) == sorted(history(with_scores, "eval/token_f1")) == steps
+    assert not history(without, "eval/sacrebleu")
+
+    # the score logged at the best step is the corpus BLEU of the logged (best) adapter's answers
+    cfg = load_config(str(scored))
+    best = int(with_scores.data.metrics["eval/best_step"])
+    rows = data.prepare(cfg).splits["validation"][:cfg.train.eval_rows]
+    adapter = Path(mlflow.artifacts.download_artifacts(run_id=with_scores.info.run_id, artifact_path="adapter"))
+    base, tokenizer = models.load_model(cfg, str(tiny_llama))
+    model = models.load_adapter(base, str(adapter)).eval()
+    answers = generation.generate(model, tokenizer, [r["prompt"] for r in rows], cfg, seed=0, progress=False)
+    from loraflow import metrics
+    expected = metrics.corpus_scores(["sacrebleu"], answers, [r["target"] for r in rows])["sacrebleu"]
+    assert history(with_scores, "eval/sacrebleu")[best] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without TF32")
+def test_tf32_is_refused_where_the_machine_has_none(tiny_llama, write_project, run_cli):
+    code, _, err = run_cli("train", write_project(tiny_llama), "--set", "train.tf32=true")
+    assert_one_line_error(code, err, "train.tf32: needs an NVIDIA GPU of Ampere or newer")
+    assert runs_of("train") == []  # refused before a run was made
+
+
+def test_fp16_compute_trains_with_fp16_mixed_precision(tiny_llama, write_project, run_cli):
+    """model.dtype: fp16 (a GPU without bf16, e.g. a T4) is the Trainer's fp16 autocast with loss scaling."""
+    project = write_project(tiny_llama, model={"dtype": "fp16"})
+    arguments = train.training_arguments(load_config(str(project)), Path("out"), bf16=False)
+    assert arguments.fp16 and not arguments.bf16
+    code, _, err = run_cli("train", project)
+    assert code == 0, err
+    [run] = runs_of("train")
+    assert run.data.params["model.dtype"] == "fp16" and 0 < run.data.metrics["train/loss"] < 20
+    bf16 = load_config(str(write_project(tiny_llama, "bf16.yaml", model={"dtype": "bf16"})))
+    arguments = train.training_arguments(bf16, Path("out"), bf16=True)
+    assert arguments.bf16 and not arguments.fp16

@@ -45,8 +45,8 @@ class ConfigError(LoraflowError):
 
 def opt(default, help: str):
     """A dataclass field with its one-line help; list and section defaults are built fresh per instance."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     if dataclasses.is_dataclass(default):
         return field(default_factory=default, metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -57,7 +57,8 @@ class ModelConfig:
     name: str = opt(EMBEDDED_MODEL, "HF folder, hub id (online only), .gguf file, or the embedded default")
     kind: typing.Literal["causal", "seq2seq"] = opt("causal", "decoder-only (causal) or encoder-decoder (seq2seq)")
     quantization: typing.Literal["nf4", "int8", "none"] = opt("none", "base weights in training (nf4: QLoRA)")
-    dtype: typing.Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "compute dtype; auto: bf16 where supported")
+    dtype: typing.Literal["auto", "bf16", "fp16", "fp32"] = opt(
+        "auto", "compute dtype; auto: bf16 where supported; fp16: fp16 mixed precision with loss scaling (no bf16)")
     trust_remote_code: bool = opt(False, "run the model repository's own Python code")
 
 
@@ -81,11 +82,17 @@ class DataConfig:
     chat_template: bool = opt(True, "wrap prompts in the tokenizer's chat template when it has one")
     system_prompt: str = opt("", "system message placed in the chat template (empty: none)")
     text_field: str = opt("text", "the raw text field for train.objective=cpt (txt files: whole lines)")
-    max_rows: int = opt(0, "read at most this many rows (0: all)")
+    where: dict = opt({}, "keep only the records whose fields match, {field: regular expression matched in full}, "
+                          "e.g. {task: qa} or {task: \"qa|summari[sz]ation\"}; applied before data.max_rows")
+    max_rows: int = opt(0, "read at most this many rows, a random sample seeded by data.split_seed (0: all)")
     min_target_chars: int = opt(1, "drop rows whose answer is shorter than this many characters")
     val_fraction: float = opt(0.1, "share of rows held out for validation (eval/loss)")
     test_fraction: float = opt(0.1, "share of rows held out for testing (generated answers and their metrics)")
     split_seed: int = opt(42, "seed of the shuffle that splits the rows")
+    train_subset: float = opt(1.0, "share of the training split trained on, a sample seeded by data.split_seed "
+                                   "(1: all); the held-out splits stay whole")
+    base_prompt_template: str = opt("", "evaluation: the prompt the base model is asked, from the same fields (e.g. "
+                                        "without the tags the tuned model learns); empty: the tuned model's prompt")
     max_length: int = opt(512, "tokens per training example / block")
     packing: typing.Literal["none", "constant", "rows"] = opt(
         "none", "SFT: constant (text cut into max_length blocks; rows see each other) or rows (whole rows, apart)")
@@ -119,6 +126,10 @@ class TrainConfig:
     save_steps: int = opt(50, "save a checkpoint every N steps")
     eval_rows: int = opt(64, "validation rows used for eval/loss during training (0: all)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    tf32: bool = opt(False, "TF32 matmuls on an NVIDIA GPU of Ampere or newer (refused elsewhere); fp16 mixed "
+                            "precision is model.dtype: fp16")
+    eval_metrics: list = opt([], "metrics of answers generated for the eval rows at each evaluation, logged as "
+                                 "eval/<metric> per step (e.g. [sacrebleu]; empty: the loss only)")
     price_per_hour: float = opt(0.0, "USD per hour of this machine, for train/cost_usd; 0 on a local CPU")
     early_stopping_patience: int = opt(0, "stop after this many evaluations without a lower eval/loss (0: never); "
                                           "the adapter kept is always the best one")
@@ -133,6 +144,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    split: typing.Literal["test", "validation"] = opt("test", "the held-out split whose prompts are answered and "
+                                                              "scored (validation: with data.test_fraction 0)")
     seeds: list = opt([0], "sampling seeds: metrics are means with _std over them (greedy uses the first)")
     num_samples: int = opt(16, "test rows to answer and score")
     max_new_tokens: int = opt(64, "longest generated answer, in tokens")
@@ -372,7 +385,7 @@ def type_problem(key: str, value, annotation) -> str | None:
             return None
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return None
-        if origin in (str, bool, list) and isinstance(value, origin):
+        if origin in (str, bool, list, dict) and isinstance(value, origin):
             return None
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
     return f"{key}: expected {names}, got {type(value).__name__} {value!r}"
@@ -481,6 +494,12 @@ def validate(cfg: Config) -> list[str]:
     fractions = cfg.data.val_fraction + cfg.data.test_fraction
     if cfg.data.val_fraction < 0 or cfg.data.test_fraction < 0 or fractions >= 1:
         problems.append("data.val_fraction + data.test_fraction must be in [0, 1) and each >= 0")
+    if not 0 < cfg.data.train_subset <= 1:
+        problems.append(f"data.train_subset: must be in (0, 1], got {cfg.data.train_subset}")
+    if cfg.data.base_prompt_template and cfg.train.objective == "cpt":
+        problems.append("data.base_prompt_template: cpt has no prompts (raw text, judged by its loss)")
+    if cfg.eval.split == "validation" and cfg.data.val_fraction == 0:
+        problems.append("eval.split: validation needs validation rows (data.val_fraction > 0)")
     if not cfg.data.path:
         problems.append("data.path: missing (the data file to train on)")
     if not cfg.eval.seeds or not all(isinstance(s, int) for s in cfg.eval.seeds):
@@ -495,14 +514,14 @@ def validate(cfg: Config) -> list[str]:
     if cfg.model.kind == "seq2seq" and cfg.data.packing != "none":
         problems.append(f"data.packing: {cfg.data.packing} needs model.kind=causal (a seq2seq example is an "
                         "encoder input and its decoder labels: there is no text to pack)")
-    problems += template_problems(cfg.data) + chat_data_problems(cfg)
+    problems += template_problems(cfg.data) + chat_data_problems(cfg) + where_problems(cfg.data)
     return problems + metric_problems(cfg) + registry_problems(cfg) + tune_problems(cfg) + sharding_problems(cfg)
 
 
 def template_problems(data: DataConfig) -> list[str]:
     """Templates str.format cannot fill, and optional parts `[[...]]` left open or nested."""
     problems = []
-    for key in ("prompt_template", "target_template"):
+    for key in ("prompt_template", "target_template", "base_prompt_template"):
         template = getattr(data, key)
         outside = OPTIONAL_PART.sub("", template)
         if "[[" in outside or "]]" in outside or any("[[" in part for part in OPTIONAL_PART.findall(template)):
@@ -515,12 +534,28 @@ def template_problems(data: DataConfig) -> list[str]:
     return problems
 
 
+def where_problems(data: DataConfig) -> list[str]:
+    """data.where entries that are not a field name with a regular expression (a string or number)."""
+    problems = []
+    for name, pattern in data.where.items():
+        if isinstance(pattern, bool) or not isinstance(pattern, (str, int, float)):
+            problems.append(f"data.where.{name}: expected a regular expression, got {type(pattern).__name__} "
+                            f"{pattern!r}")
+            continue
+        try:
+            re.compile(str(pattern))
+        except re.error as exc:
+            problems.append(f"data.where.{name}: {pattern!r} is not a regular expression ({exc})")
+    return problems
+
+
 def chat_data_problems(cfg: Config) -> list[str]:
     """data.messages_field needs a causal model's chat template and no prompt/target templates."""
     if not cfg.data.messages_field:
         return []
     problems = [f"data.{key}: set, but data.messages_field renders each conversation with the chat template: "
-                "give one" for key in ("prompt_template", "target_template") if getattr(cfg.data, key)]
+                "give one" for key in ("prompt_template", "target_template", "base_prompt_template")
+                if getattr(cfg.data, key)]
     if cfg.model.kind != "causal" or not cfg.data.chat_template or cfg.train.objective != "sft":
         problems.append("data.messages_field: chat data needs model.kind=causal, data.chat_template=true and "
                         "train.objective=sft (a conversation is rendered by the tokenizer's chat template)")
@@ -562,8 +597,12 @@ def metric_problems(cfg: Config) -> list[str]:
     """Unknown metrics, and a BERTScore model that cannot be found locally."""
     from loraflow.metrics import bertscore_model_path, unknown_metrics
 
-    problems = [f"eval.metrics: unknown metric {name!r}" for name in unknown_metrics(list(cfg.eval.metrics))]
-    if "bertscore" in cfg.eval.metrics:
+    problems = [f"{key}: unknown metric {name!r}" for key, names in (("eval.metrics", cfg.eval.metrics),
+                                                                     ("train.eval_metrics", cfg.train.eval_metrics))
+                for name in unknown_metrics(list(names))]
+    if cfg.train.eval_metrics and cfg.train.objective == "cpt":
+        problems.append("train.eval_metrics: cpt has no prompts to answer; the loss is its measure")
+    if "bertscore" in cfg.eval.metrics + cfg.train.eval_metrics:
         try:
             bertscore_model_path(cfg.eval.bertscore_model)
         except ValueError as exc:

@@ -117,11 +117,14 @@ def check_fields_exist(records: list[dict], needed: list[str], path: str) -> Non
 
 
 def row_templates(records: list[dict], cfg: Config, source: str) -> dict[str, str]:
-    """{"prompt", "target"} templates (SFT) or {"text"} (CPT), their fields checked against the records."""
+    """{"prompt", "target"} templates (SFT; "base_prompt" too with data.base_prompt_template) or {"text"} (CPT),
+    their fields checked against the records."""
     if cfg.train.objective == "cpt":
         templates = {"text": "{" + cfg.data.text_field + "}"}
     else:
         templates = dict(zip(("prompt", "target"), templates_for(cfg)))
+        if cfg.data.base_prompt_template:  # what the base model is asked in evaluation
+            templates["base_prompt"] = cfg.data.base_prompt_template
     check_fields_exist(records, [name for t in templates.values() for name in template_fields(t)], source)
     return templates
 
@@ -205,6 +208,25 @@ def split_rows(rows: list[dict], data: DataConfig, group_by: str = "prompt") -> 
     return splits
 
 
+def matching_records(records: list[dict], where: dict, source: str) -> list[dict]:
+    """data.where: the records whose every named field, as text, matches its regular expression in full."""
+    if not where:
+        return records
+    check_fields_exist(records, list(where), source)
+    patterns = {name: re.compile(str(pattern)) for name, pattern in where.items()}
+    return [record for record in records
+            if all(pattern.fullmatch(str(record.get(name) if record.get(name) is not None else "").strip())
+                   for name, pattern in patterns.items())]
+
+
+def training_subset(rows: list[dict], share: float, seed: int) -> list[dict]:
+    """data.train_subset: that share of the training rows (at least one), drawn at random (seeded), in order."""
+    if share >= 1 or not rows:
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), max(1, round(len(rows) * share))))
+    return [rows[i] for i in keep]
+
+
 def sample_records(records: list[dict], max_rows: int, seed: int) -> list[dict]:
     """data.max_rows records drawn at random (seeded; in file order), not the head of the file."""
     if not max_rows or len(records) <= max_rows:
@@ -213,11 +235,17 @@ def sample_records(records: list[dict], max_rows: int, seed: int) -> list[dict]:
 
 
 def prepare(cfg: Config) -> PreparedData:
-    """Read data.path, normalise, drop and count bad rows, split. Raises LoraflowError if nothing is left."""
+    """Read data.path, keep the records data.where matches (a data.max_rows sample of them), normalise, drop and
+    count bad rows, split, keep data.train_subset of the training split. Raises LoraflowError if nothing is left."""
     records, malformed, source, digest = load_records(cfg)
-    records = sample_records(records, cfg.data.max_rows, cfg.data.split_seed)
+    matching = matching_records(records, cfg.data.where, source)
+    if not matching:
+        raise LoraflowError(f"no record of {source} matches data.where {cfg.data.where}")
+    records, left_out = sample_records(matching, cfg.data.max_rows, cfg.data.split_seed), len(records) - len(matching)
     counts = {"rows_read": len(records) + malformed, "rows_dropped_malformed": malformed,
               "rows_dropped_empty": 0, "rows_dropped_duplicate": 0}
+    if cfg.data.where:
+        counts["rows_not_matching"] = left_out  # before rows_read: data.where comes first
     rows = records_to_rows(records, cfg, counts, source)
     counts["rows_kept"] = len(rows)
     if not rows:
@@ -227,6 +255,9 @@ def prepare(cfg: Config) -> PreparedData:
         sizes = Counter(comparison_key(row["prompt"]) for row in rows)
         counts.update(prompts_distinct=len(sizes), rows_sharing_a_prompt=sum(n for n in sizes.values() if n > 1))
     splits = split_rows(rows, cfg.data, group_by="text" if cpt else "prompt")
+    if cfg.data.train_subset < 1:
+        subset = training_subset(splits["train"], cfg.data.train_subset, cfg.data.split_seed)
+        counts["rows_train_unused"], splits["train"] = len(splits["train"]) - len(subset), subset
     if not splits["train"]:
         prompts = "" if cpt else f" ({counts['prompts_distinct']} distinct prompts)"
         raise LoraflowError(f"only {len(rows)} usable rows{prompts} in {source}: too few to split off a training set")

@@ -6,7 +6,9 @@
 
 The tuned model is a training run's adapter over the base (the base is loaded once and answers with
 the adapter disabled), a registered model's merged folder, a local adapter folder, or a local merged
-folder. Both answer the test split's prompts with the same decoding; `eval.metrics` score them per
+folder. Both answer the prompts of the eval.split split (test by default) with the same decoding; the base
+is asked data.base_prompt_template's prompt where one is set (e.g. without the tags the tuned model
+learned), also for its validation loss. `eval.metrics` score the answers per
 seed of `eval.seeds`, and a paired bootstrap over items (each with all its seeds) gives a 95% interval
 for each tuned - base difference, computed with the same statistic as the difference itself.
 Greedy decoding (eval.temperature = 0) is deterministic, so it generates once and that result
@@ -54,15 +56,18 @@ def metric_names(cfg: Config) -> list[str]:
 
 
 def held_out_rows(cfg: Config, prepared: data.PreparedData) -> tuple[list[dict], list[dict]]:
-    """(test rows capped at eval.num_samples, validation rows capped like training's eval/loss)."""
+    """(rows to answer: the eval.split rows capped at eval.num_samples, validation rows capped like training's
+    eval/loss)."""
     validation = prepared.splits["validation"][:cfg.train.eval_rows or None]
     if cfg.train.objective == "cpt":  # raw text: no prompts to answer, only the loss to compare
         if not validation:
             raise LoraflowError("no validation split to compute the loss on: set data.val_fraction > 0")
         return [], validation
-    if not prepared.splits["test"]:
-        raise LoraflowError("no test split: set data.test_fraction > 0")
-    return prepared.splits["test"][:cfg.eval.num_samples], validation
+    if not prepared.splits[cfg.eval.split]:
+        fraction = "test_fraction" if cfg.eval.split == "test" else "val_fraction"
+        raise LoraflowError(f"no {cfg.eval.split} split: set data.{fraction} > 0"
+                            + (" (or eval.split=validation)" if cfg.eval.split == "test" else ""))
+    return prepared.splits[cfg.eval.split][:cfg.eval.num_samples], validation
 
 
 def latest_training_run(cfg: Config, store: tracking.Store) -> str:
@@ -169,16 +174,24 @@ def generation_seeds(cfg: Config) -> list[int]:
     return list(cfg.eval.seeds) if cfg.eval.temperature > 0 else list(cfg.eval.seeds[:1])
 
 
+def asked(rows: list[dict], role: str) -> list[dict]:
+    """The rows as `role` is asked them: the base model gets data.base_prompt_template's prompt where it is set."""
+    if role != "base" or not rows or "base_prompt" not in rows[0]:
+        return rows
+    return [{**row, "prompt": row["base_prompt"]} for row in rows]
+
+
 def answer_all(cfg: Config, tuned: TunedModel, base_path: str, test_rows, val_rows) -> tuple[dict, dict]:
-    """({role: {seed: answers}}, {role: validation loss}) for the base and the tuned model."""
-    prompts = [row["prompt"] for row in test_rows]
+    """({role: {seed: answers}}, {role: validation loss}) for the base and the tuned model, each asked its own
+    prompt (asked)."""
     answers, losses = {}, {}
     for role, model, tokenizer in each_model(cfg, tuned, base_path):
+        prompts = [row["prompt"] for row in asked(test_rows, role)]
         say(f"evaluating the {role} model" + (f" on {len(prompts)} prompts" if prompts else " (loss only)"))
         answers[role] = {seed: generation.generate(model, tokenizer, prompts, cfg, seed=seed)
                          for seed in generation_seeds(cfg)} if prompts else {}
         if val_rows:
-            losses[role] = generation.validation_loss(model, tokenizer, val_rows, cfg)
+            losses[role] = generation.validation_loss(model, tokenizer, asked(val_rows, role), cfg)
     return answers, losses
 
 
@@ -243,7 +256,8 @@ def delta_interval(cfg: Config, name: str, per_item: dict, answers: dict, refere
 
 
 def detail_rows(seed: int, test_rows, answers: dict, items: dict, names: list[str]) -> list[dict]:
-    return [{"seed": seed, "index": i, "prompt": row["prompt"], "reference": row["target"],
+    return [{"seed": seed, "index": i, "prompt": row["prompt"],
+             **({"base_prompt": row["base_prompt"]} if "base_prompt" in row else {}), "reference": row["target"],
              "base_output": answers["base"][seed][i], "tuned_output": answers["tuned"][seed][i],
              **{f"{role}_{name}": items[role][name][i] for name in names for role in ROLES}}
             for i, row in enumerate(test_rows)]
@@ -273,7 +287,9 @@ def log_results(cfg: Config, names: list[str], summary: dict, details: list[dict
 
     mlflow.log_metrics(summary)
     mlflow.log_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in details), "eval/details.jsonl")
-    frame = pd.DataFrame(details, columns=["seed", "index", "prompt", "reference", "base_output", "tuned_output"]
+    asked_base = ["base_prompt"] if details and "base_prompt" in details[0] else []  # data.base_prompt_template
+    frame = pd.DataFrame(details, columns=["seed", "index", "prompt", *asked_base, "reference", "base_output",
+                                           "tuned_output"]
                          + [f"{role}_{name}" for name in names for role in ROLES])
     mlflow.log_text(frame.to_csv(index=False), "eval/side_by_side.csv")
     if names and details:

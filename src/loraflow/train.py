@@ -27,7 +27,7 @@ from typing import Callable
 
 import mlflow
 
-from loraflow import LoraflowError, data, generation, models, say, tracking, warn
+from loraflow import LoraflowError, data, generation, metrics, models, say, tracking, warn
 from loraflow.config import Config
 from loraflow.distributed import Ranks
 from loraflow.tracking import EVAL_LOSS, TRAIN_LOSS, Tags
@@ -132,14 +132,15 @@ def loraflow_callback(cfg: Config, tokenizer, eval_rows: list[dict], state: dict
             step, early = trainer_state.global_step, False
             if eval_rows and (step % cfg.train.eval_steps == 0 or step >= trainer_state.max_steps):
                 # Every rank evaluates the same rows (a sharded model's forward needs them all); rank 0's figure counts.
-                loss = evaluate_now(model, tokenizer, eval_rows, cfg)
-                loss, improved = ranks.from_main((loss, ranks.main and improves(state, loss)))
+                loss, scores = evaluate_now(model, tokenizer, eval_rows, cfg), answer_scores_now(model, tokenizer,
+                                                                                                 eval_rows, cfg)
+                loss, scores, improved = ranks.from_main((loss, scores, ranks.main and improves(state, loss)))
                 state["eval"][step] = loss
                 if improved:
                     keep_best(state, step, ranks)
                 if ranks.main:
                     if step > state["logged_through"]:
-                        write({EVAL_LOSS: loss}, step)
+                        write({EVAL_LOSS: loss, **scores}, step)
                     early = stop_early(cfg, state, step)
                 if on_eval:
                     on_eval(step, loss)
@@ -198,6 +199,41 @@ def evaluate_now(model, tokenizer, rows: list[dict], cfg: Config) -> float:
         model.train()
 
 
+def answer_scores_now(model, tokenizer, rows: list[dict], cfg: Config) -> dict[str, float]:
+    """train.eval_metrics of the answers to the eval rows' prompts, as {"eval/<metric>": corpus value}: decoded
+    as the evaluate stage decodes (eval.*, its first seed), in eval mode, leaving training's random state as it was."""
+    if not cfg.train.eval_metrics or not rows:
+        return {}
+    with kept_random_state():
+        model.eval()
+        try:
+            answers = generation.generate(model, tokenizer, [row["prompt"] for row in rows], cfg,
+                                          seed=cfg.eval.seeds[0], progress=False)
+        finally:
+            model.train()
+    scores = metrics.corpus_scores(cfg.train.eval_metrics, answers, [row["target"] for row in rows],
+                                   bertscore_model=cfg.eval.bertscore_model)
+    return {f"eval/{name}": float(value) for name, value in scores.items()}
+
+
+@contextlib.contextmanager
+def kept_random_state():
+    """Python's, NumPy's and torch's (CPU and GPU) random state restored on leaving: the dropout masks and data
+    order of the training run do not depend on what was generated in between."""
+    import random
+
+    import numpy
+    import torch
+
+    python, legacy = random.getstate(), numpy.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            numpy.random.set_state(legacy)
+
+
 def count_trained_tokens(model, cfg: Config, state: dict):
     """A forward pre-hook adding each training batch's label tokens to state["tokens"].
 
@@ -216,8 +252,15 @@ def count_trained_tokens(model, cfg: Config, state: dict):
 
 def training_arguments(cfg: Config, output_dir: Path, bf16: bool):
     """The Trainer's arguments; under torchrun, reading their .device starts the process group (gloo on CPU,
-    nccl on GPU: ddp_backend None lets accelerate choose by device)."""
+    nccl on GPU: ddp_backend None lets accelerate choose by device). Mixed precision: bf16 autocast when `bf16`,
+    else fp16 autocast with loss scaling when the compute dtype is fp16 (model.dtype: fp16, e.g. a T4)."""
     import torch
+    from transformers.utils import is_torch_tf32_available
+
+    if cfg.train.tf32 and not is_torch_tf32_available():
+        raise LoraflowError("train.tf32: needs an NVIDIA GPU of Ampere or newer (and CUDA), which this machine does "
+                            "not have; set train.tf32=false here")
+    fp16 = not bf16 and models.compute_dtype(cfg) == torch.float16
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -229,7 +272,7 @@ def training_arguments(cfg: Config, output_dir: Path, bf16: bool):
         max_steps=cfg.train.max_steps, num_train_epochs=cfg.train.epochs, seed=cfg.train.seed,
         data_seed=cfg.train.seed, logging_steps=cfg.train.logging_steps, eval_strategy="no",
         save_strategy="steps", save_steps=cfg.train.save_steps, save_total_limit=2,
-        bf16=bf16, report_to="none", train_sampling_strategy="group_by_length",
+        bf16=bf16, fp16=fp16, tf32=True if cfg.train.tf32 else None, report_to="none", train_sampling_strategy="group_by_length",
         remove_unused_columns=False, dataloader_num_workers=cfg.train.dataloader_workers, disable_tqdm=False,
         gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # every LoRA weight is in every forward: no search for unused ones
