@@ -124,7 +124,8 @@ class TrainConfig:
     logging_steps: int = opt(1, "log the training loss every N steps")
     eval_steps: int = opt(20, "compute eval/loss every N steps")
     save_steps: int = opt(50, "save a checkpoint every N steps")
-    eval_rows: int = opt(64, "validation rows used for eval/loss during training (0: all)")
+    eval_rows: int = opt(64, "validation rows of the evaluations during training: eval/loss and "
+                                  "train.eval_metrics (0: all)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     tf32: bool = opt(False, "TF32 matmuls on an NVIDIA GPU of Ampere or newer (refused elsewhere); fp16 mixed "
                             "precision is model.dtype: fp16")
@@ -147,7 +148,7 @@ class EvalConfig:
     split: typing.Literal["test", "validation"] = opt("test", "the held-out split whose prompts are answered and "
                                                               "scored (validation: with data.test_fraction 0)")
     seeds: list = opt([0], "sampling seeds: metrics are means with _std over them (greedy uses the first)")
-    num_samples: int = opt(16, "test rows to answer and score")
+    num_samples: int = opt(16, "rows of eval.split to answer and score")
     max_new_tokens: int = opt(64, "longest generated answer, in tokens")
     metrics: list = opt(["rouge1", "rougeL"], "metrics of the answers: rouge1, rouge2, rougeL, bertscore, "
                                               "sacrebleu, token_f1, exact_match")

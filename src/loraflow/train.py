@@ -272,7 +272,8 @@ def training_arguments(cfg: Config, output_dir: Path, bf16: bool):
         max_steps=cfg.train.max_steps, num_train_epochs=cfg.train.epochs, seed=cfg.train.seed,
         data_seed=cfg.train.seed, logging_steps=cfg.train.logging_steps, eval_strategy="no",
         save_strategy="steps", save_steps=cfg.train.save_steps, save_total_limit=2,
-        bf16=bf16, fp16=fp16, tf32=True if cfg.train.tf32 else None, report_to="none", train_sampling_strategy="group_by_length",
+        bf16=bf16, fp16=fp16, tf32=True if cfg.train.tf32 else None, report_to="none",
+        train_sampling_strategy="group_by_length",
         remove_unused_columns=False, dataloader_num_workers=cfg.train.dataloader_workers, disable_tqdm=False,
         gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # every LoRA weight is in every forward: no search for unused ones
