@@ -130,10 +130,13 @@ def package_versions() -> dict:
 
 
 def write_results(name: str, args: argparse.Namespace, payload: dict) -> Path:
-    """Write benchmarks/results/<name>.json (or <name>-smoke.json) with machine info and versions."""
+    """Write benchmarks/results/<name>.json (or <name>-smoke.json) with machine info and versions; its top-level
+    "ratio" is payload["ratio"] if given, else the value of its first goal."""
     from loraflow.tracking import git_sha
 
-    record = {"benchmark": name, "smoke": bool(args.smoke), "command": args.command,
+    headline = payload.get("ratio", payload["goals"][0]["value"] if payload.get("goals") else None)
+    record = {"benchmark": name, "ratio": headline,  # the headline figure, against the first goal
+              "smoke": bool(args.smoke), "command": args.command,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "git_sha": git_sha(),
               "pairs": args.pairs, "warmup": args.warmup, "machine": machine_info(),
               "load_average_at_start": getattr(args, "load_at_start", None), "versions": package_versions(), **payload}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-COMMON_KEYS = {"benchmark", "smoke", "command", "date", "git_sha", "pairs", "warmup", "machine", "versions",
+COMMON_KEYS = {"benchmark", "ratio", "smoke", "command", "date", "git_sha", "pairs", "warmup", "machine", "versions",
                "summary", "goals", "samples"}
 SPECIFIC_KEYS = {
     "train": {"tokens_per_second", "tokens_per_second_with_eval", "loss", "flops", "loraflow_dtype"},
@@ -54,6 +54,11 @@ def test_benchmark_smoke_writes_results(name, tmp_path, monkeypatch, bench_store
     assert record["machine"]["logical_cores"] >= 1 and record["versions"]["torch"]
     assert record["goals"] and all({"goal", "value", "threshold", "met"} <= set(g) for g in record["goals"])
     assert record["summary"] and all(isinstance(line, str) for line in record["summary"])
+    assert isinstance(record["ratio"], (int, float))  # the headline figure; the first goal's unless set
+    if name != "load":
+        assert record["ratio"] == record["goals"][0]["value"]
+    if name == "serving":  # micro-batched concurrent answers are the lone ones
+        assert record["same_answers_concurrent_and_sequential"] is True
     if name == "generate":
         assert record["identity"]["mismatches"] == 0
     if name == "load":  # answers, not timings: every bad request a 4xx, no good one a 5xx, none lost

@@ -5,6 +5,7 @@ import json
 import re
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -287,3 +288,34 @@ def test_dockerfile_holds_the_registered_model_and_its_requirements(tiny_llama, 
     code, _, err = run_cli("serve", project, "--dockerfile", str(folder))
     assert_one_line_error(code, err, "not an empty folder")
     assert (folder / "Dockerfile").read_text() == dockerfile  # the first context is left as it was
+
+
+def test_concurrent_greedy_requests_share_one_generate_call_and_keep_their_answers(generator, monkeypatch):
+    """Micro-batching: requests waiting together with the same greedy settings are answered by one generate call,
+    each with the answers it gets alone; a sampled request or other max_new_tokens goes into a batch of its own."""
+    greedy = {"max_new_tokens": 6, "temperature": 0.0}
+    requests = [(["Describe: Oak desk"], greedy), (["Describe: Red mug", "Describe: Blue lamp"], greedy),
+                (["Describe: Tall vase"], {**greedy, "temperature": 0.7, "seed": 5}),  # greedy still (do_sample off)
+                (["Describe: Green rug"], {**greedy, "do_sample": True, "temperature": 0.9, "seed": 3}),
+                (["Describe: Oak desk"], {**greedy, "max_new_tokens": 3})]
+    alone = [generator.predict(None, pd.DataFrame({"prompt": p}), params=params) for p, params in requests]
+    calls = []
+    original = generator.generate
+    monkeypatch.setattr(generator, "generate", lambda prompts, *a: calls.append(list(prompts)) or original(prompts, *a))
+    pool = ThreadPoolExecutor(max_workers=len(requests))
+    assert generator.lock.acquire(timeout=5)  # the model is busy while they all arrive
+    try:
+        futures = [pool.submit(generator.predict, None, pd.DataFrame({"prompt": p}), params)
+                   for p, params in requests]
+        deadline = time.monotonic() + 30
+        while len(generator.waiting) < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        generator.lock.release()
+    together = [future.result(timeout=120) for future in futures]
+    pool.shutdown()
+    assert together == alone
+    assert sorted(map(len, calls)) == [1, 1, 4]  # the greedy 6-token requests in one call, the others alone
+    assert sorted(calls, key=len)[-1] == ["Describe: Oak desk", "Describe: Red mug", "Describe: Blue lamp",
+                                          "Describe: Tall vase"]  # oldest first
+    assert generator.waiting == [] and not generator.lock.locked()

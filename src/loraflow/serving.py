@@ -67,6 +67,9 @@ MAX_SEED = 2**32 - 1  # numpy's seed range, which transformers.set_seed goes thr
 REQUEST_SECONDS_ENV = "LORAFLOW_REQUEST_SECONDS"
 SERVER_TIMEOUT_MARGIN_SECONDS = 5  # the budget ends this long before the scoring server's timeout
 UNSET_MODEL_MAX_LENGTH = 10**9  # tokenizers without a limit report int(1e30)
+BATCH_WAIT_SECONDS = 0.02  # an idle model waits this long for concurrent requests to join a batch
+MAX_BATCH_ROWS = 64  # prompts in one batched generate call (generation.generate splits it by eval.batch_size)
+POLL_SECONDS = 0.05  # how often a waiting request looks for its turn
 
 logger = logging.getLogger(__name__)
 
@@ -208,44 +211,70 @@ def load_served_model(context):
     return cfg, model, tokenizer
 
 
-def run_in_turn(lock: threading.Lock, started: float, budget: float, work, hint: str):
-    """`work(deadline)` holding `lock`, within the request's budget counted from `started`.
-
-    Waiting past the budget is 503, generation past it 504 (with `hint`, what to send instead), an
-    unexpected error 500 naming its type; the lock is free again on every exit.
-    """
+def http_error(exc: Exception, budget: float, hint: str) -> MlflowException:
+    """What a failed generation answers: generation past the budget is 504 (with `hint`, what to send instead),
+    a 4xx/5xx MlflowException stays as it is, anything else is 500 naming its type (the traceback is logged)."""
     from loraflow import generation
 
+    if isinstance(exc, generation.DeadlinePassed):
+        return MlflowException(f"generation stopped: the request passed its budget of {budget:g} s "
+                               f"(${REQUEST_SECONDS_ENV}); {hint}", error_code=DEADLINE_EXCEEDED)
+    if isinstance(exc, MlflowException):
+        return exc
+    logger.error("generation failed", exc_info=exc)  # the scoring server would answer 400 with the traceback
+    return MlflowException(f"generation failed ({type(exc).__name__}); the server log has the details",
+                           error_code=INTERNAL_ERROR)
+
+
+def run_in_turn(lock: threading.Lock, started: float, budget: float, work, hint: str):
+    """`work(deadline)` holding `lock`, within the request's budget counted from `started` (one request at a
+    time: the chat flavour). Waiting past the budget is 503, failures as http_error; the lock is always freed."""
     if not lock.acquire(timeout=max(0.0, started + budget - time.monotonic())):
         raise MlflowException(f"the server is busy: no turn came within this request's budget of {budget:g} s "
                               f"(${REQUEST_SECONDS_ENV}); retry later", error_code=TEMPORARILY_UNAVAILABLE)
     try:
         return work(started + budget)
-    except generation.DeadlinePassed:
-        raise MlflowException(f"generation stopped: the request passed its budget of {budget:g} s "
-                              f"(${REQUEST_SECONDS_ENV}); {hint}", error_code=DEADLINE_EXCEEDED) from None
-    except MlflowException:
-        raise
-    except Exception as exc:  # the scoring server would answer 400 with the traceback in the body
-        logger.exception("generation failed")
-        raise MlflowException(f"generation failed ({type(exc).__name__}); the server log has the details",
-                              error_code=INTERNAL_ERROR) from None
+    except Exception as exc:
+        raise http_error(exc, budget, hint) from None
     finally:
         lock.release()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One predict call: its prompts and settings, its deadline, and, once a batch has run, its answers or error."""
+    prompts: list[str]
+    settings: dict
+    budget: float
+    deadline: float  # a time.monotonic() value
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    answers: list[str] | None = None
+    error: Exception | None = None
+
+    @property
+    def batch_key(self):
+        """Requests with the same key decode alike, so one generate call answers them all: greedy ones with the same
+        max_new_tokens (temperature, top_p and seed do not change a greedy answer). A sampled request goes alone:
+        its seed fixes its random stream."""
+        return None if self.settings["do_sample"] else ("greedy", self.settings["max_new_tokens"])
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
     """A merged causal or seq2seq model that answers one generated string per `prompt` row.
 
     Prompts are formatted and decoded by generation.generate, exactly as in evaluation and training.
-    One generation runs at a time (the scoring server answers requests in threads); see the module
-    docstring for the limits of a request.
+    The scoring server answers requests in threads; one generation runs at a time (`lock`), and greedy
+    requests that wait for it together, or arrive within BATCH_WAIT_SECONDS of an idle model, are answered
+    by one batched generate call (micro-batching: left-padded greedy answers are those of the request alone).
+    See the module docstring for the limits of a request.
     """
 
     def load_context(self, context):
         self.cfg, self.model, self.tokenizer = load_served_model(context)
         self.context_tokens = context_length(self.model, self.tokenizer)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held by the request whose thread runs a batch
+        self.queue_lock = threading.Lock()  # guards self.waiting
+        self.waiting: list[Request] = []  # requests not yet taken into a batch, oldest first
 
     def predict(self, context, model_input, params=None):
         started = time.monotonic()
@@ -254,8 +283,75 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         settings = checked_params(params, self.cfg.registry.max_new_tokens_cap)
         if not prompts:
             return []
-        return run_in_turn(self.lock, started, budget, lambda deadline: self.generate(prompts, settings, deadline),
-                           hint="send fewer rows or a smaller max_new_tokens")
+        request = Request(prompts, settings, budget, started + budget)
+        with self.queue_lock:
+            self.waiting.append(request)
+        self.wait_for_answers(request)
+        if request.error is not None:
+            raise request.error
+        return request.answers
+
+    def wait_for_answers(self, request: Request) -> None:
+        """Until `request` is done: whenever the model is free, run the next batch (with this request in it unless
+        another thread's batch took it). A request no batch took within its budget is 503; one taken is answered
+        by the end of that batch, which stops at its members' earliest deadline."""
+        while not request.done.is_set():
+            if self.lock.acquire(timeout=max(0.0, min(POLL_SECONDS, request.deadline - time.monotonic()))):
+                try:
+                    if not request.done.is_set():
+                        self.run_batch(self.take_batch(request))
+                finally:
+                    self.lock.release()
+            elif time.monotonic() >= request.deadline:
+                with self.queue_lock:
+                    unanswered = request in self.waiting
+                    if unanswered:
+                        self.waiting.remove(request)
+                if unanswered:
+                    raise MlflowException(f"the server is busy: no turn came within this request's budget of "
+                                          f"{request.budget:g} s (${REQUEST_SECONDS_ENV}); retry later",
+                                          error_code=TEMPORARILY_UNAVAILABLE)
+                request.done.wait()
+
+    def take_batch(self, leader: Request) -> list[Request]:
+        """`leader` and the waiting requests that decode like it, oldest first, up to MAX_BATCH_ROWS prompts; taken
+        off the queue. When the model was idle (no one else waiting) it first waits BATCH_WAIT_SECONDS for others."""
+        if leader.batch_key is not None and len(self.waiting) == 1:
+            time.sleep(BATCH_WAIT_SECONDS)
+        with self.queue_lock:
+            batch, rows = [leader], len(leader.prompts)
+            for other in self.waiting:
+                if other is not leader and leader.batch_key is not None and other.batch_key == leader.batch_key \
+                        and rows + len(other.prompts) <= MAX_BATCH_ROWS:
+                    batch.append(other)
+                    rows += len(other.prompts)
+            self.waiting = [r for r in self.waiting if all(r is not member for member in batch)]
+        return batch
+
+    def run_batch(self, batch: list[Request]) -> None:
+        """Answer every request of `batch` with one generate call (under the lock); each gets its answers or error."""
+        try:
+            fitted = []
+            for request in batch:  # tokenised under the lock: a fast tokenizer is not safe across threads
+                try:
+                    fitted.append((request, self.fit(request.prompts, request.settings)))
+                except MlflowException as exc:  # that request's prompt does not fit: the others go on
+                    request.error = exc
+            prompts = [prompt for _, fitted_prompts in fitted for prompt in fitted_prompts]
+            if not prompts:
+                return
+            try:
+                answers = self.generate(prompts, batch[0].settings, min(r.deadline for r, _ in fitted))
+            except Exception as exc:
+                for request, _ in fitted:
+                    request.error = http_error(exc, request.budget, "send fewer rows or a smaller max_new_tokens")
+                return
+            start = 0
+            for request, fitted_prompts in fitted:
+                request.answers, start = answers[start:start + len(fitted_prompts)], start + len(fitted_prompts)
+        finally:
+            for request in batch:
+                request.done.set()
 
     def prompt_room(self, max_new_tokens: int) -> int | None:
         """Tokens a prompt may take: the context, less the answer's share for a causal model."""
@@ -263,13 +359,15 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
             return None
         return self.context_tokens - (max_new_tokens if self.cfg.model.kind == "causal" else 0)
 
+    def fit(self, prompts: list[str], settings: dict) -> list[str]:
+        """The prompts cut from the left to the room the context leaves them (400 when none is left)."""
+        room = self.prompt_room(settings["max_new_tokens"])
+        return prompts if room is None else [fit_prompt(self.tokenizer, p, room, self.cfg) for p in prompts]
+
     def generate(self, prompts: list[str], settings: dict, deadline: float) -> list[str]:
-        """Answers, under the lock (see run_in_turn)."""
+        """Answers to fitted prompts, under the lock."""
         from loraflow import generation
 
-        room = self.prompt_room(settings["max_new_tokens"])
-        if room is not None:  # tokenised under the lock: a fast tokenizer is not safe across threads
-            prompts = [fit_prompt(self.tokenizer, p, room, self.cfg) for p in prompts]
         return generation.generate(self.model, self.tokenizer, prompts, request_config(self.cfg, settings),
                                    seed=settings["seed"], deadline=deadline, progress=False)
 
