@@ -90,6 +90,8 @@ def parse_args(argv=None):
     parser.add_argument("--requests", type=int, default=None, help="requests per throughput arm (default 8; smoke 4)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--throughput-pairs", type=int, default=None, help="default 5; smoke 1")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="model.dtype the pyfunc serves in (auto: bf16 where the CPU has it)")
     args = common.parse(parser, argv)
     args.max_new_tokens = args.max_new_tokens or (4 if args.smoke else 16)
     args.requests = args.requests or (4 if args.smoke else 8)
@@ -105,7 +107,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     common.use_temporary_tracking()
     model_path = common.model_for(args.smoke)
-    cfg = common.bench_config(model_path, eval={"max_new_tokens": args.max_new_tokens})
+    cfg = common.bench_config(model_path, model={"dtype": args.dtype}, eval={"max_new_tokens": args.max_new_tokens})
     prompts = [row["prompt"] for row in data.prepare(cfg).splits["test"]][:args.requests]
     prompts = (prompts * args.requests)[:args.requests]
     params = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0}
@@ -164,12 +166,13 @@ def report(args, model_path, model_uri, startup, latency, throughput, answers) -
                f"server start {startup:.1f} s"]
     payload = {"summary": summary, "model": model_path, "model_uri": model_uri, "server_startup_seconds": startup,
                "settings": {"max_new_tokens": args.max_new_tokens, "requests": args.requests,
-                            "clients": args.clients, "throughput_pairs": args.throughput_pairs, "workers": 1},
+                            "clients": args.clients, "throughput_pairs": args.throughput_pairs, "workers": 1,
+                            "dtype": args.dtype},
                "latency_http_vs_in_process": latency_ratio, "throughput_many_vs_one": throughput_ratio,
                "p50_latency_many_vs_one": p50_ratio, "same_answers_concurrent_and_sequential": same,
                "same_answer_http_and_in_process": answers.get("http") == answers.get("in_process"),
                "goals": goals, "samples": {"latency": latency, "throughput": throughput}}
-    common.write_results("serving", args, payload)
+    common.write_results("serving" if args.dtype == "auto" else f"serving-{args.dtype}", args, payload)
     return payload
 
 

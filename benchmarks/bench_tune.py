@@ -1,11 +1,13 @@
 """Search: wall time for `tune` to come within 1% of the best validation loss, pruning vs no pruning.
 
-    .venv/bin/python benchmarks/bench_tune.py [--smoke] [--pairs 2] [--trials 8] [--steps 4] [--eval-every 1]
+    .venv/bin/python benchmarks/bench_tune.py [--smoke] [--pairs 3] [--trials 16] [--steps 10] [--eval-every 1]
+                                              [--pruner hyperband|median]
 
 After an unmeasured one-trial study (--warmup; the first training in a process pays seconds to
 minutes of one-off costs), each round runs two fresh studies through loraflow's own tune.run, one
-after the other, with the same sampler seed and trial budget: A with the median pruner (validation loss every
-train.eval_steps), B with no pruner. Target = 1.01 x the lowest validation loss either study of the
+after the other, with the same sampler seed and trial budget: A with the pruner (hyperband by default;
+validation loss every train.eval_steps), B with no pruner. Round i uses sampler seed i, so the rounds
+search differently. Target = 1.01 x the lowest validation loss either study of the
 round found; an arm's time to target is from its tune.run call to the completion of its first trial
 at or below the target (its whole wall time, flagged not reached, if none). Ratio = B / A: how many
 times less time pruning needs (goal >= 2). Trials write to a throw-away MLflow store and journal.
@@ -21,22 +23,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def study_arm(cfg, trials: int, storage: str, counter: list) -> callable:
-    """One fresh study of `trials` trials per call; returns its trial timeline."""
+def study_arm(cfg, trials: int, storage: str, counter: list, seeds: list | None = None) -> callable:
+    """One fresh study of `trials` trials per call, the k-th call with sampler seed seeds[k] (else the config's);
+    returns its trial timeline."""
     from loraflow import studies, tune
+    from loraflow.config import with_values
+
+    calls = [0]
 
     def run() -> dict:
         counter[0] += 1
-        name = f"bench-{cfg.tune.pruner}-{counter[0]}"
+        seed = seeds[calls[0]] if seeds else cfg.tune.sampler_seed
+        calls[0] += 1
+        name = f"bench-{cfg.tune.pruner}-{counter[0]}-seed{seed}"
         started = time.time()
-        tune.run(cfg, n_trials=trials, study_name=name, storage=storage)
+        tune.run(with_values(cfg, {"tune.sampler_seed": seed}), n_trials=trials, study_name=name, storage=storage)
         wall = time.time() - started
         study = studies.load_study(name, storage)
         timeline = [{"number": t.number, "state": t.state.name, "value": t.value,
                      "done_after_seconds": t.datetime_complete.timestamp() - started if t.datetime_complete else None}
                     for t in study.get_trials()]
         complete = [t["value"] for t in timeline if t["state"] == "COMPLETE"]
-        return {"wall_seconds": wall, "best_value": min(complete) if complete else float("inf"),
+        return {"wall_seconds": wall, "sampler_seed": seed, "best_value": min(complete) if complete else float("inf"),
                 "pruned": sum(t["state"] == "PRUNED" for t in timeline), "study": name, "trials": timeline}
     return run
 
@@ -49,13 +57,16 @@ def time_to_target(sample: dict, target: float) -> tuple[float, bool]:
 
 
 def parse_args(argv=None):
-    parser = common.base_parser(__file__, __doc__, pairs=2)
-    parser.add_argument("--trials", type=int, default=None, help="trials per study (default 8; smoke 2)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per trial (default 4; smoke 2)")
+    parser = common.base_parser(__file__, __doc__, pairs=3)
+    parser.add_argument("--trials", type=int, default=None, help="trials per study (default 16; smoke 2)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per trial (default 10; smoke 2)")
     parser.add_argument("--eval-every", type=int, default=None, help="train.eval_steps (default 1)")
+    parser.add_argument("--pruner", choices=("hyperband", "median"), default="hyperband")
+    parser.add_argument("--batch-size", type=int, default=None, help="train.batch_size (default 4)")
     args = common.parse(parser, argv)
-    args.trials = args.trials or (2 if args.smoke else 8)
-    args.steps = args.steps or (2 if args.smoke else 4)
+    args.trials = args.trials or (2 if args.smoke else 16)
+    args.steps = args.steps or (2 if args.smoke else 10)
+    args.batch_size = args.batch_size or 4
     args.eval_every = args.eval_every or 1
     return args
 
@@ -69,13 +80,15 @@ def main(argv=None) -> dict:
                      "sampler_startup_trials": 1 if args.smoke else 3, "r_choices": [4, 8, 16],
                      "lr_low": 1e-4, "lr_high": 3e-3}
     train_settings = {"max_steps": args.steps, "eval_steps": args.eval_every, "save_steps": 10_000,
-                      "eval_rows": 16, "batch_size": 4 if args.smoke else 8}
+                      "eval_rows": 16, "batch_size": args.batch_size}
     configs = {name: common.bench_config(model_path, train=train_settings, tune={**tune_settings, "pruner": pruner})
-               for name, pruner in (("pruning", "median"), ("no_pruning", "none"))}
+               for name, pruner in (("pruning", args.pruner), ("no_pruning", "none"))}
+    tune_settings["pruner"] = args.pruner
     counter = [0]
     for _ in range(args.warmup):  # a one-trial study pays the first-use costs (kernels, file cache) unmeasured
         study_arm(configs["pruning"], 1, storage, counter)()
-    arms = {name: study_arm(cfg, args.trials, storage, counter) for name, cfg in configs.items()}
+    seeds = list(range(args.pairs))  # both arms of round i search with sampler seed i
+    arms = {name: study_arm(cfg, args.trials, storage, counter, seeds) for name, cfg in configs.items()}
     samples = common.alternate(arms, args.pairs, warmup=0)
     return report(args, model_path, samples, tune_settings, train_settings)
 
@@ -90,8 +103,10 @@ def report(args, model_path, samples, tune_settings, train_settings) -> dict:
     to_target = common.compare(common.column(rounds, "no_pruning_seconds"), common.column(rounds, "pruning_seconds"))
     wall = common.compare(common.column(samples["no_pruning"], "wall_seconds"),
                           common.column(samples["pruning"], "wall_seconds"))
-    goals = [common.goal("time to within 1% of best: no pruning / pruning >= 2", to_target["ratio_median"], 2.0)]
-    summary = [f"{args.trials} trials x {args.steps} steps: time to within 1% of the best: no pruning "
+    goals = [common.goal(f"time to within 1% of best: no pruning / {args.pruner} pruning >= 2",
+                         to_target["ratio_median"], 2.0)]
+    summary = [f"{args.trials} trials x {args.steps} steps, {args.pruner} pruner, sampler seeds "
+               f"{[s['sampler_seed'] for s in samples['pruning']]}: time to within 1% of the best: no pruning "
                f"{to_target['a_median']:.0f} s vs pruning {to_target['b_median']:.0f} s = {to_target['ratio_median']:.2f}x "
                f"(min-max {to_target['ratio_min_max'][0]:.2f}-{to_target['ratio_min_max'][1]:.2f}); whole study "
                f"{wall['a_median']:.0f} s vs {wall['b_median']:.0f} s = {wall['ratio_median']:.2f}x; pruned trials "

@@ -19,13 +19,15 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 DOCS = BENCH_DIR.parent / "docs" / "benchmarks.md"
-ORDER = ("train", "memory", "generate", "serving", "tune", "load")
+ORDER = ("train", "memory", "generate", "serving", "serving-fp32", "tune", "load")
+VARIANTS = {"serving-fp32": ("serving", ["--dtype", "fp32"])}  # result name: (benchmark, its options)
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 LOADED_AT = 1.0  # 1-minute load average on this 2-core machine from which we call the machine loaded
 
 
 def run_benchmark(name: str, smoke: bool, results_dir: Path | None) -> int:
-    command = [sys.executable, str(BENCH_DIR / f"bench_{name}.py")]
+    script, options = VARIANTS.get(name, (name, []))
+    command = [sys.executable, str(BENCH_DIR / f"bench_{script}.py"), *options]
     command += ["--smoke"] if smoke else []
     command += ["--results-dir", str(results_dir)] if results_dir else []
     print(f"== {name}: {' '.join(command)}", file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from helpers import assert_one_line_error
 from mlflow.exceptions import MlflowException
 
@@ -319,3 +320,30 @@ def test_concurrent_greedy_requests_share_one_generate_call_and_keep_their_answe
     assert sorted(calls, key=len)[-1] == ["Describe: Oak desk", "Describe: Red mug", "Describe: Blue lamp",
                                           "Describe: Tall vase"]  # oldest first
     assert generator.waiting == [] and not generator.lock.locked()
+
+
+def test_a_bf16_model_batches_only_prompts_of_one_length(generator, monkeypatch):
+    """Left padding moves bf16 rounding: served in bf16, requests share a call only when their prompts have the same
+    length in tokens, so each still gets exactly its answers alone."""
+    generator.model = generator.model.to(torch.bfloat16)
+    lengths = {p: len(generation_ids(generator, p)) for p in ("Describe: Oak desk", "Describe: Red desk",
+                                                               "Describe: a very long blue woollen winter scarf")}
+    short = [p for p in lengths if lengths[p] == lengths["Describe: Oak desk"]]
+    assert len(short) == 2 and lengths["Describe: a very long blue woollen winter scarf"] > lengths[short[0]]
+    prompts = [*short, "Describe: a very long blue woollen winter scarf"]
+    params = {"max_new_tokens": 6}
+    alone = [generator.predict(None, pd.DataFrame({"prompt": [p]}), params=params) for p in prompts]
+    calls = []
+    original = generator.generate
+    monkeypatch.setattr(generator, "generate", lambda ps, *a: calls.append(list(ps)) or original(ps, *a))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        assert generator.lock.acquire(timeout=5)
+        try:
+            futures = [pool.submit(generator.predict, None, pd.DataFrame({"prompt": [p]}), params) for p in prompts]
+            deadline = time.monotonic() + 30
+            while len(generator.waiting) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            generator.lock.release()
+        assert [f.result(timeout=120) for f in futures] == alone
+    assert sorted(calls, key=len) == [[prompts[2]], short]

@@ -248,15 +248,10 @@ class Request:
     budget: float
     deadline: float  # a time.monotonic() value
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    fitted: list[str] | None = None  # the prompts cut to the context (TextGenerator.prepare, under the lock)
+    lengths: frozenset = frozenset()  # their lengths in tokens, as generation encodes them
     answers: list[str] | None = None
     error: Exception | None = None
-
-    @property
-    def batch_key(self):
-        """Requests with the same key decode alike, so one generate call answers them all: greedy ones with the same
-        max_new_tokens (temperature, top_p and seed do not change a greedy answer). A sampled request goes alone:
-        its seed fixes its random stream."""
-        return None if self.settings["do_sample"] else ("greedy", self.settings["max_new_tokens"])
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
@@ -298,8 +293,9 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         while not request.done.is_set():
             if self.lock.acquire(timeout=max(0.0, min(POLL_SECONDS, request.deadline - time.monotonic()))):
                 try:
-                    if not request.done.is_set():
-                        self.run_batch(self.take_batch(request))
+                    batch = [] if request.done.is_set() else self.take_batch(request)
+                    if batch:
+                        self.run_batch(batch)
                 finally:
                     self.lock.release()
             elif time.monotonic() >= request.deadline:
@@ -314,41 +310,67 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
                 request.done.wait()
 
     def take_batch(self, leader: Request) -> list[Request]:
-        """`leader` and the waiting requests that decode like it, oldest first, up to MAX_BATCH_ROWS prompts; taken
-        off the queue. When the model was idle (no one else waiting) it first waits BATCH_WAIT_SECONDS for others."""
-        if leader.batch_key is not None and len(self.waiting) == 1:
+        """`leader` and the waiting requests with its batch_key, oldest first, up to MAX_BATCH_ROWS prompts; taken off
+        the queue. When the model was idle (no one else waiting) it first waits BATCH_WAIT_SECONDS for others."""
+        if not leader.settings["do_sample"] and len(self.waiting) == 1:
             time.sleep(BATCH_WAIT_SECONDS)
         with self.queue_lock:
-            batch, rows = [leader], len(leader.prompts)
-            for other in self.waiting:
-                if other is not leader and leader.batch_key is not None and other.batch_key == leader.batch_key \
-                        and rows + len(other.prompts) <= MAX_BATCH_ROWS:
-                    batch.append(other)
-                    rows += len(other.prompts)
-            self.waiting = [r for r in self.waiting if all(r is not member for member in batch)]
+            others = [r for r in self.waiting if r is not leader]
+            batch, key = ([leader], self.batch_key(leader)) if self.prepare(leader) else ([], None)
+            rows = len(leader.prompts)
+            for request in others if key is not None else []:
+                if not self.prepare(request):
+                    continue  # its prompt cannot fit: it answers 400 alone (done below)
+                if self.batch_key(request) == key and rows + len(request.prompts) <= MAX_BATCH_ROWS:
+                    batch.append(request)
+                    rows += len(request.prompts)
+            failed = [r for r in [leader] + others if r.error is not None]
+            self.waiting = [r for r in others if r.error is None and all(r is not m for m in batch)]
+        for request in failed:
+            request.done.set()
         return batch
+
+    def prepare(self, request: Request) -> bool:
+        """Fit `request`'s prompts to the context and measure them, once (tokenised under the lock: a fast tokenizer
+        is not safe across threads); False, with the request's 400 error set, when one cannot fit."""
+        from loraflow import generation
+
+        if request.fitted is None and request.error is None:
+            try:
+                request.fitted = self.fit(request.prompts, request.settings)
+            except MlflowException as exc:
+                request.error = exc
+                return False
+            request.lengths = frozenset(map(len, generation.encode_prompts(self.tokenizer, request.fitted, self.cfg)))
+        return request.error is None
+
+    def batch_key(self, request: Request):
+        """Requests with the same key get, in one generate call, the answers each gets alone: greedy ones with the
+        same max_new_tokens (temperature, top_p and seed do not change a greedy answer). A sampled request goes
+        alone (its seed fixes its random stream). Left padding keeps fp32 answers exact but moves bf16 and fp16
+        rounding, so a model served in those joins only requests whose prompts all have its prompts' one length."""
+        import torch
+
+        if request.settings["do_sample"]:
+            return None
+        key = ("greedy", request.settings["max_new_tokens"])
+        if self.model.dtype == torch.float32:
+            return key
+        return key + tuple(request.lengths) if len(request.lengths) == 1 else None
 
     def run_batch(self, batch: list[Request]) -> None:
         """Answer every request of `batch` with one generate call (under the lock); each gets its answers or error."""
         try:
-            fitted = []
-            for request in batch:  # tokenised under the lock: a fast tokenizer is not safe across threads
-                try:
-                    fitted.append((request, self.fit(request.prompts, request.settings)))
-                except MlflowException as exc:  # that request's prompt does not fit: the others go on
-                    request.error = exc
-            prompts = [prompt for _, fitted_prompts in fitted for prompt in fitted_prompts]
-            if not prompts:
-                return
+            prompts = [prompt for request in batch for prompt in request.fitted]
             try:
-                answers = self.generate(prompts, batch[0].settings, min(r.deadline for r, _ in fitted))
+                answers = self.generate(prompts, batch[0].settings, min(r.deadline for r in batch))
             except Exception as exc:
-                for request, _ in fitted:
+                for request in batch:
                     request.error = http_error(exc, request.budget, "send fewer rows or a smaller max_new_tokens")
                 return
             start = 0
-            for request, fitted_prompts in fitted:
-                request.answers, start = answers[start:start + len(fitted_prompts)], start + len(fitted_prompts)
+            for request in batch:
+                request.answers, start = answers[start:start + len(request.fitted)], start + len(request.fitted)
         finally:
             for request in batch:
                 request.done.set()
