@@ -55,7 +55,7 @@ def parse_args(argv=None):
     parser = common.base_parser(__file__, __doc__)
     parser.add_argument("--prompts", type=int, default=None, help="held-out prompts answered per arm (default 16; smoke 4)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 32; smoke 4")
-    parser.add_argument("--batch-size", type=int, default=8, help="eval.batch_size of the loraflow arms")
+    parser.add_argument("--batch-size", type=int, default=16, help="eval.batch_size of the loraflow arms (loraflow's default)")
     args = common.parse(parser, argv)
     args.prompts = args.prompts or (4 if args.smoke else 16)
     args.max_new_tokens = args.max_new_tokens or (4 if args.smoke else 32)

@@ -172,7 +172,7 @@ def bench_config(model_name: str, **sections):
            "train": {"learning_rate": 1e-3, "batch_size": 8, "warmup_ratio": 0.0, "logging_steps": 1,
                      "eval_steps": 10_000, "save_steps": 10_000, "eval_rows": 32,
                      "output_dir": tempfile.mkdtemp(prefix="loraflow-bench-")},
-           "eval": {"num_samples": 16, "max_new_tokens": 32, "batch_size": 8}}
+           "eval": {"num_samples": 16, "max_new_tokens": 32}}
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return from_dict(raw, name="bench")

@@ -322,16 +322,12 @@ def test_concurrent_greedy_requests_share_one_generate_call_and_keep_their_answe
     assert generator.waiting == [] and not generator.lock.locked()
 
 
-def test_a_bf16_model_batches_only_prompts_of_one_length(generator, monkeypatch):
-    """Left padding moves bf16 rounding: served in bf16, requests share a call only when their prompts have the same
-    length in tokens, so each still gets exactly its answers alone."""
+def test_a_bf16_model_answers_each_request_alone(generator, monkeypatch):
+    """Another batch shape moves bf16 rounding: served in bf16, concurrent requests are not batched, so each still
+    gets exactly its answers alone."""
     generator.model = generator.model.to(torch.bfloat16)
-    lengths = {p: len(generation_ids(generator, p)) for p in ("Describe: Oak desk", "Describe: Red desk",
-                                                               "Describe: a very long blue woollen winter scarf")}
-    short = [p for p in lengths if lengths[p] == lengths["Describe: Oak desk"]]
-    assert len(short) == 2 and lengths["Describe: a very long blue woollen winter scarf"] > lengths[short[0]]
-    prompts = [*short, "Describe: a very long blue woollen winter scarf"]
-    params = {"max_new_tokens": 6}
+    prompts, params = ["Describe: Oak desk", "Describe: Red desk", "Describe: a long blue woollen scarf"], {
+        "max_new_tokens": 6}
     alone = [generator.predict(None, pd.DataFrame({"prompt": [p]}), params=params) for p in prompts]
     calls = []
     original = generator.generate
@@ -346,4 +342,4 @@ def test_a_bf16_model_batches_only_prompts_of_one_length(generator, monkeypatch)
         finally:
             generator.lock.release()
         assert [f.result(timeout=120) for f in futures] == alone
-    assert sorted(calls, key=len) == [[prompts[2]], short]
+    assert sorted(calls) == sorted([p] for p in prompts)

@@ -155,7 +155,7 @@ class EvalConfig:
     temperature: float = opt(0.0, "sampling temperature (0: greedy)")
     top_p: float = opt(1.0, "nucleus sampling probability mass (when temperature > 0)")
     repetition_penalty: float = opt(1.0, "penalty on repeated tokens (1: none)")
-    batch_size: int = opt(8, "prompts generated at once")
+    batch_size: int = opt(16, "prompts generated at once (and validation rows per loss batch)")
     bertscore_model: str = opt("minilm-l6", "BERTScore model: minilm-l6 (pip package) or a local HF folder")
     bootstrap_samples: int = opt(1000, "paired bootstrap resamples for the delta/ confidence intervals")
 
