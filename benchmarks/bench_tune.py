@@ -62,11 +62,12 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="training steps per trial (default 10; smoke 2)")
     parser.add_argument("--eval-every", type=int, default=None, help="train.eval_steps (default 1)")
     parser.add_argument("--pruner", choices=("hyperband", "median"), default="hyperband")
-    parser.add_argument("--batch-size", type=int, default=None, help="train.batch_size (default 4)")
+    parser.add_argument("--batch-size", type=int, default=None, help="train.batch_size (default 2)")
+    parser.add_argument("--eval-rows", type=int, default=8, help="validation rows of each report to the pruner")
     args = common.parse(parser, argv)
     args.trials = args.trials or (2 if args.smoke else 16)
     args.steps = args.steps or (2 if args.smoke else 10)
-    args.batch_size = args.batch_size or 4
+    args.batch_size = args.batch_size or 2
     args.eval_every = args.eval_every or 1
     return args
 
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
                      "sampler_startup_trials": 1 if args.smoke else 3, "r_choices": [4, 8, 16],
                      "lr_low": 1e-4, "lr_high": 3e-3}
     train_settings = {"max_steps": args.steps, "eval_steps": args.eval_every, "save_steps": 10_000,
-                      "eval_rows": 16, "batch_size": args.batch_size}
+                      "eval_rows": args.eval_rows, "batch_size": args.batch_size}
     configs = {name: common.bench_config(model_path, train=train_settings, tune={**tune_settings, "pruner": pruner})
                for name, pruner in (("pruning", args.pruner), ("no_pruning", "none"))}
     tune_settings["pruner"] = args.pruner
