@@ -317,3 +317,23 @@ def test_fp16_compute_trains_with_fp16_mixed_precision(tiny_llama, write_project
     bf16 = load_config(str(write_project(tiny_llama, "bf16.yaml", model={"dtype": "bf16"})))
     arguments = train.training_arguments(bf16, Path("out"), bf16=True)
     assert arguments.bf16 and not arguments.fp16
+
+
+def test_the_head_and_loss_skip_positions_without_labels(tiny_llama, write_project):
+    """Batches carry the positions whose next token is a label in some row: the LM head computes logits there only,
+    and the loss equals the loss over every position (whose other labels are ignored anyway)."""
+    cfg = load_config(str(write_project(tiny_llama)))
+    model, tokenizer = models.load_model(cfg, str(tiny_llama))
+    model = models.attach_lora(model, cfg)
+    collate = train.training_collator(cfg, model, tokenizer)
+    batch = collate(data.training_examples(data.prepare(cfg).splits["train"][:4], tokenizer, cfg))
+    labelled = (batch["labels"][:, 1:] != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    assert torch.equal(batch["logits_to_keep"], labelled) and len(labelled) < batch["input_ids"].shape[1] - 1
+    assert torch.equal(batch["shift_labels"], batch["labels"][:, 1:][:, labelled])
+    every_position = {key: value for key, value in batch.items() if key not in ("logits_to_keep", "shift_labels")}
+    model.eval()
+    with torch.no_grad():
+        kept, full = model(**batch), model(**every_position)
+    assert kept.logits.shape[1] == len(labelled) and full.logits.shape[1] == batch["input_ids"].shape[1]
+    assert float(kept.loss) == pytest.approx(float(full.loss), rel=1e-6)
+    assert not train.takes_logits_to_keep(torch.nn.Linear(2, 2))  # a model without it keeps every position

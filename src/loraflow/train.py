@@ -316,7 +316,8 @@ def build_trainer(cfg: Config, model, tokenizer, prepared: data.PreparedData, ou
 
 
 def training_collator(cfg: Config, model, tokenizer):
-    """Batches of examples padded per row (labels -100), or of `rows` blocks with their position ids.
+    """Batches of examples padded per row (labels -100), or of `rows` blocks with their position ids; for a causal
+    model that takes them, with the LM head and loss kept to labelled positions (head_on_labelled_positions).
 
     TRL is not used (and not a dependency): its bfd packing forces its padding-free collator, which flattens a
     batch into one row (a (batch x block)^2 mask on eager/sdpa, loraflow's CPU default); its `num_tokens` counts
@@ -327,12 +328,44 @@ def training_collator(cfg: Config, model, tokenizer):
     from transformers import DataCollatorForSeq2Seq
 
     if cfg.data.packing != "rows" or cfg.train.objective == "cpt":
-        return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX)
-    attention = getattr(model.config, "_attn_implementation", "") or ""
-    if attention.startswith("flash") and cfg.train.batch_size > 1:
-        warn(f"{attention} keeps packed rows apart only with train.batch_size=1: with "
-             f"{cfg.train.batch_size} blocks a batch, a row attends to the rows before it in its block")
-    return functools.partial(data.pad_row_blocks, pad_token_id=tokenizer.pad_token_id)
+        collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX)
+    else:
+        attention = getattr(model.config, "_attn_implementation", "") or ""
+        if attention.startswith("flash") and cfg.train.batch_size > 1:
+            warn(f"{attention} keeps packed rows apart only with train.batch_size=1: with "
+                 f"{cfg.train.batch_size} blocks a batch, a row attends to the rows before it in its block")
+        collate = functools.partial(data.pad_row_blocks, pad_token_id=tokenizer.pad_token_id)
+    if cfg.model.kind == "causal" and takes_logits_to_keep(model):
+        return head_on_labelled_positions(collate)
+    return collate
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM under the PEFT wrapper computes logits only at given positions (`logits_to_keep` as a
+    tensor of indices, as transformers' Llama, Qwen, Mistral, Gemma... do) with a loss that takes `shift_labels`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters \
+        and getattr(base, "loss_type", None) in (None, "ForCausalLM")
+
+
+def head_on_labelled_positions(collate):
+    """`collate`, each batch also carrying the positions whose next token is a label in some row (logits_to_keep)
+    and those next tokens (shift_labels): the vocabulary-wide head, its fp32 upcast and the cross-entropy then skip
+    prompt and padding positions, whose labels are ignored anyway. The loss is the same; only work not needed is
+    left out. A batch where every position counts is left as it is."""
+    import torch
+
+    def collate_kept(examples):
+        batch = collate(examples)
+        labels = batch["labels"]
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data.IGNORE_INDEX)
+        keep = (shifted != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        if len(keep) < shifted.shape[1]:
+            batch["logits_to_keep"], batch["shift_labels"] = keep, shifted[:, keep].contiguous()
+        return batch
+    return collate_kept
 
 
 def peak_memory_mb() -> float:
