@@ -108,11 +108,12 @@ def test_sigterm_checkpoints_ends_killed_and_resume_finishes_the_same_run(tiny_l
     assert code == 143, err
     assert_one_line_error(code, err, "--resume")
     [killed] = runs_of("train")
-    assert killed.info.status == "KILLED"
+    assert killed.info.status == "KILLED" and "interrupted by SIGTERM" in killed.data.tags["loraflow.error"]
     code, _, err = run_cli("train", project, "--resume")
     assert code == 0, err
     [run] = runs_of("train")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert "loraflow.error" not in run.data.tags  # the interruption no longer describes the finished run
     assert steps_logged(run.info.run_id) == list(range(1, 41))
     assert steps_logged(run.info.run_id, "eval/loss") == [10, 20, 30, 40]
     assert run_cli("train", project, "--experiment", "uninterrupted")[0] == 0
@@ -336,4 +337,38 @@ def test_the_head_and_loss_skip_positions_without_labels(tiny_llama, write_proje
         kept, full = model(**batch), model(**every_position)
     assert kept.logits.shape[1] == len(labelled) and full.logits.shape[1] == batch["input_ids"].shape[1]
     assert float(kept.loss) == pytest.approx(float(full.loss), rel=1e-6)
-    assert not train.takes_logits_to_keep(torch.nn.Linear(2, 2))  # a model without it keeps every position
+    assert not models.takes_logits_to_keep(torch.nn.Linear(2, 2))  # a model without it keeps every position
+
+
+@pytest.mark.parametrize("key, value, attribute, expected", [
+    ("train.learning_rate", 3e-4, "learning_rate", 3e-4), ("train.batch_size", 3, "per_device_train_batch_size", 3),
+    ("train.grad_accum", 5, "gradient_accumulation_steps", 5), ("train.lr_scheduler", "linear", "lr_scheduler_type",
+                                                                 "linear"),
+    ("train.warmup_ratio", 0.25, "warmup_steps", 0.25), ("train.weight_decay", 0.1, "weight_decay", 0.1),
+    ("train.seed", 7, "seed", 7), ("train.logging_steps", 3, "logging_steps", 3), ("train.save_steps", 9,
+                                                                                  "save_steps", 9),
+    ("train.dataloader_workers", 2, "dataloader_num_workers", 2), ("train.epochs", 3.0, "num_train_epochs", 3.0),
+    ("train.max_steps", 11, "max_steps", 11), ("train.batch_order", "random", "train_sampling_strategy", "random"),
+])
+def test_each_training_key_reaches_the_trainer(tiny_llama, write_project, key, value, attribute, expected):
+    cfg = load_config(str(write_project(tiny_llama)), [f"{key}={value}"])
+    arguments = train.training_arguments(cfg, Path("out"), bf16=False)
+    assert getattr(arguments, attribute) == expected
+    default = train.training_arguments(load_config(str(write_project(tiny_llama, "default.yaml"))), Path("out"), False)
+    assert getattr(default, attribute) != expected  # the value above is not the default: the check can fail
+
+
+def test_gradient_checkpointing_recomputes_and_trains_the_same(tiny_llama, write_project, run_cli):
+    """train.gradient_checkpointing: the model recomputes activations in the backward pass; the losses are those of
+    a run without it (dropout off: the same arithmetic, only kept for less time)."""
+    cfg = load_config(str(write_project(tiny_llama, train={"gradient_checkpointing": True})))
+    model, _ = models.load_model(cfg, str(tiny_llama))
+    assert models.attach_lora(model, cfg).is_gradient_checkpointing
+    assert run_cli("train", write_project(tiny_llama, "plain.yaml"))[0] == 0
+    assert run_cli("train", write_project(tiny_llama, "recompute.yaml", train={"gradient_checkpointing": True}))[0] == 0
+    plain, recomputed = runs_of("train", oldest_first=True)
+    client = mlflow.MlflowClient()
+
+    def losses(run):
+        return [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert losses(recomputed) == pytest.approx(losses(plain), rel=1e-5) and len(losses(plain)) == 4

@@ -127,6 +127,8 @@ class TrainConfig:
     eval_rows: int = opt(64, "validation rows of the evaluations during training: eval/loss and "
                                   "train.eval_metrics (0: all)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    batch_order: typing.Literal["group_by_length", "random"] = opt(
+        "group_by_length", "training batches of rows of similar length (less padding) or in random order")
     tf32: bool = opt(False, "TF32 matmuls on an NVIDIA GPU of Ampere or newer (refused elsewhere); fp16 mixed "
                             "precision is model.dtype: fp16")
     eval_metrics: list = opt([], "metrics of answers generated for the eval rows at each evaluation, logged as "

@@ -512,6 +512,24 @@ def pad_row_blocks(blocks: list[dict], pad_token_id: int) -> dict:
     return {**batch, "use_cache": False}
 
 
+def head_on_labelled_positions(collate):
+    """`collate`, each batch also carrying the positions whose next token is a label in some row (logits_to_keep)
+    and those next tokens (shift_labels): the vocabulary-wide head, its fp32 upcast and the cross-entropy then skip
+    prompt and padding positions, whose labels are ignored anyway. The loss is the same; only work not needed is
+    left out. A batch where every position counts is left as it is."""
+    import torch
+
+    def collate_kept(examples):
+        batch = collate(examples)
+        labels = batch["labels"]
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        if len(keep) < shifted.shape[1]:
+            batch["logits_to_keep"], batch["shift_labels"] = keep, shifted[:, keep].contiguous()
+        return batch
+    return collate_kept
+
+
 def cpt_blocks(rows: list[dict], tokenizer, block_size: int) -> list[dict]:
     """Raw text joined with eos and cut into fixed-length blocks for continued pretraining (a corpus shorter
     than a block makes one shorter block)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from loraflow import data
+from loraflow import data, models
 from loraflow.config import Config
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -124,6 +124,8 @@ def validation_loss(model, tokenizer, rows: list[dict], cfg: Config) -> float:
 
     examples = data.training_examples(rows, tokenizer, cfg)
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX)
+    if cfg.model.kind == "causal" and models.takes_logits_to_keep(model):
+        collate = data.head_on_labelled_positions(collate)  # the same loss, without the head on prompt positions
     total, count = 0.0, 0
     for start in range(0, len(examples), cfg.eval.batch_size):
         batch = {k: v.to(model.device) for k, v in collate(examples[start:start + cfg.eval.batch_size]).items()}

@@ -250,3 +250,13 @@ def merge_adapter(cfg: Config, base_path: str, adapter_dir: str | Path, out_dir:
     if merged.generation_config is not None:
         merged.generation_config.save_pretrained(out_dir)
     return out_dir
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM under the PEFT wrapper computes logits only at given positions (`logits_to_keep` as a
+    tensor of indices, as transformers' Llama, Qwen, Mistral, Gemma... do) with a loss that takes `shift_labels`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters \
+        and getattr(base, "loss_type", None) in (None, "ForCausalLM")

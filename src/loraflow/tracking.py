@@ -463,6 +463,8 @@ def stage_run(cfg: Config, stage: str, store: Store, *, run_id: str | None = Non
     nested = mlflow.active_run() is not None
     if run_id:
         run = mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=system_metrics)
+        if Tags.ERROR in run.data.tags:  # the failure of an earlier attempt no longer describes the run
+            mlflow.MlflowClient().delete_tag(run_id, Tags.ERROR)
     else:
         run = mlflow.start_run(experiment_id=store.experiment_id, parent_run_id=parent_run_id, nested=nested,
                                run_name=run_name, tags={**lineage_tags(cfg, stage), **(tags or {})},

@@ -273,7 +273,7 @@ def training_arguments(cfg: Config, output_dir: Path, bf16: bool):
         data_seed=cfg.train.seed, logging_steps=cfg.train.logging_steps, eval_strategy="no",
         save_strategy="steps", save_steps=cfg.train.save_steps, save_total_limit=2,
         bf16=bf16, fp16=fp16, tf32=True if cfg.train.tf32 else None, report_to="none",
-        train_sampling_strategy="group_by_length",
+        train_sampling_strategy=cfg.train.batch_order,
         remove_unused_columns=False, dataloader_num_workers=cfg.train.dataloader_workers, disable_tqdm=False,
         gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # every LoRA weight is in every forward: no search for unused ones
@@ -335,37 +335,9 @@ def training_collator(cfg: Config, model, tokenizer):
             warn(f"{attention} keeps packed rows apart only with train.batch_size=1: with "
                  f"{cfg.train.batch_size} blocks a batch, a row attends to the rows before it in its block")
         collate = functools.partial(data.pad_row_blocks, pad_token_id=tokenizer.pad_token_id)
-    if cfg.model.kind == "causal" and takes_logits_to_keep(model):
-        return head_on_labelled_positions(collate)
+    if cfg.model.kind == "causal" and models.takes_logits_to_keep(model):
+        return data.head_on_labelled_positions(collate)
     return collate
-
-
-def takes_logits_to_keep(model) -> bool:
-    """Whether the causal LM under the PEFT wrapper computes logits only at given positions (`logits_to_keep` as a
-    tensor of indices, as transformers' Llama, Qwen, Mistral, Gemma... do) with a loss that takes `shift_labels`."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters \
-        and getattr(base, "loss_type", None) in (None, "ForCausalLM")
-
-
-def head_on_labelled_positions(collate):
-    """`collate`, each batch also carrying the positions whose next token is a label in some row (logits_to_keep)
-    and those next tokens (shift_labels): the vocabulary-wide head, its fp32 upcast and the cross-entropy then skip
-    prompt and padding positions, whose labels are ignored anyway. The loss is the same; only work not needed is
-    left out. A batch where every position counts is left as it is."""
-    import torch
-
-    def collate_kept(examples):
-        batch = collate(examples)
-        labels = batch["labels"]
-        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=data.IGNORE_INDEX)
-        keep = (shifted != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-        if len(keep) < shifted.shape[1]:
-            batch["logits_to_keep"], batch["shift_labels"] = keep, shifted[:, keep].contiguous()
-        return batch
-    return collate_kept
 
 
 def peak_memory_mb() -> float:
