@@ -161,7 +161,7 @@ def report(args, model_path, model_uri, startup, latency, throughput, answers) -
                f"{args.requests} requests: {args.clients} clients {throughput_ratio['a_median']:.2f} req/s vs 1 client "
                f"{throughput_ratio['b_median']:.2f} req/s = {throughput_ratio['ratio_median']:.2f}x (min-max "
                f"{throughput_ratio['ratio_min_max'][0]:.2f}-{throughput_ratio['ratio_min_max'][1]:.2f}; one uvicorn "
-               f"worker, concurrent greedy requests micro-batched); p50 latency {p50_ratio['a_median'] * 1e3:.0f} ms vs "
+               f"worker; concurrent greedy requests micro-batched when served in fp32, else one at a time); p50 latency {p50_ratio['a_median'] * 1e3:.0f} ms vs "
                f"{p50_ratio['b_median'] * 1e3:.0f} ms alone = {p50_ratio['ratio_median']:.2f}x; same answers: {same}; "
                f"server start {startup:.1f} s"]
     payload = {"summary": summary, "model": model_path, "model_uri": model_uri, "server_startup_seconds": startup,
