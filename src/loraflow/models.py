@@ -258,5 +258,6 @@ def takes_logits_to_keep(model) -> bool:
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters \
+    forward = getattr(base, "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters \
         and getattr(base, "loss_type", None) in (None, "ForCausalLM")
