@@ -439,11 +439,10 @@ def report(args, cfg, samples, losses, weight_counts, peaks, peak_runs, loraflow
                          f"({'loraflow in native bf16' if native_bf16 else 'both in fp32, as without native bf16'})",
                          speed["ratio_median"], 2.0 if native_bf16 else 1.3),
              common.goal("held-out loss loraflow / baseline <= 1.02", loss_ratio, 1.02, higher_is_better=False)]
-    for arm, threshold in (("loraflow", 0.4 if native_bf16 else 0.6), ("baseline", 0.6)):
-        fraction = flops[arm]["fraction_of_ceiling"]
-        if fraction is not None:
-            goals.append(common.goal(f"{arm} FLOP/s >= {threshold:.0%} of the {flops[arm]['dtype']} GEMM ceiling at "
-                                     "the model's shapes", fraction, threshold))
+    fraction, threshold = flops["loraflow"]["fraction_of_ceiling"], 0.4 if native_bf16 else 0.6
+    if fraction is not None:  # the baseline's fraction is in the summary, not a goal of loraflow's
+        goals.append(common.goal(f"loraflow FLOP/s >= {threshold:.0%} of the {loraflow_dtype} GEMM ceiling at the "
+                                 "model's shapes", fraction, threshold))
     summary = [
         f"useful tokens/s: loraflow {speed['a_median']:.0f} vs baseline {speed['b_median']:.0f} = "
         f"{speed['ratio_median']:.2f}x (min-max {speed['ratio_min_max'][0]:.2f}-{speed['ratio_min_max'][1]:.2f}); "
