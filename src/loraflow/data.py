@@ -241,11 +241,12 @@ def prepare(cfg: Config) -> PreparedData:
     matching = matching_records(records, cfg.data.where, source)
     if not matching:
         raise LoraflowError(f"no record of {source} matches data.where {cfg.data.where}")
-    records, left_out = sample_records(matching, cfg.data.max_rows, cfg.data.split_seed), len(records) - len(matching)
+    not_matching = len(records) - len(matching)
+    records = sample_records(matching, cfg.data.max_rows, cfg.data.split_seed)
     counts = {"rows_read": len(records) + malformed, "rows_dropped_malformed": malformed,
               "rows_dropped_empty": 0, "rows_dropped_duplicate": 0}
     if cfg.data.where:
-        counts["rows_not_matching"] = left_out  # before rows_read: data.where comes first
+        counts["rows_not_matching"] = not_matching  # before rows_read: data.where comes first
     rows = records_to_rows(records, cfg, counts, source)
     counts["rows_kept"] = len(rows)
     if not rows:
