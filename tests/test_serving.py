@@ -1,7 +1,9 @@
 """The pyfunc model and a real `mlflow models serve` process: predictions, params, malformed requests."""
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import socket
 import subprocess
@@ -343,3 +345,34 @@ def test_a_bf16_model_answers_each_request_alone(generator, monkeypatch):
             generator.lock.release()
         assert [f.result(timeout=120) for f in futures] == alone
     assert sorted(calls) == sorted([p] for p in prompts)
+
+
+def test_the_server_loop_lets_more_requests_wait_together_than_the_default_pool(generator):
+    """MLflow's scoring server runs predict via asyncio.to_thread: in the default pool (min(32, cpus + 4) threads) the
+    requests beyond it cannot join the batch; in server_loop's pool all of them wait for one generate call."""
+    default_threads = min(32, (os.cpu_count() or 1) + 4)
+    count = default_threads + 2
+    prompts = [f"Describe: item {i}" for i in range(count)]
+
+    async def send_all():
+        return await asyncio.gather(*[asyncio.to_thread(generator.predict, None, pd.DataFrame({"prompt": [p]}),
+                                                        {"max_new_tokens": 2}) for p in prompts])
+
+    def waiting_together(loop) -> int:
+        assert generator.lock.acquire(timeout=5)  # the model is busy while they arrive
+        try:
+            task = loop.create_task(send_all())
+            deadline = time.monotonic() + 10
+            while len(generator.waiting) < count and time.monotonic() < deadline:
+                loop.run_until_complete(asyncio.sleep(0.05))
+            seen = len(generator.waiting)
+        finally:
+            generator.lock.release()
+        assert len(loop.run_until_complete(task)) == count
+        loop.close()
+        return seen
+
+    assert waiting_together(asyncio.new_event_loop()) == default_threads
+    assert waiting_together(serving.server_loop()) == count
+    assert serving.server_env(SimpleNamespace(uri="sqlite:///m.db"), env={})["UVICORN_LOOP"] == \
+        "loraflow.serving:server_loop"  # what start_server hands uvicorn (the server tests start with it)

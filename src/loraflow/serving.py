@@ -12,7 +12,10 @@ prompt row; `log_model` logs it with an explicit signature (the generation param
 pip requirements. `log_chat_model` logs the same folder and settings as `ChatGenerator`
 (served_chat_model.py), MLflow's chat-completions flavour, for projects whose prompts go through
 a chat template. `start_server`, `wait_until_ready` and `predict_over_http` drive
-`mlflow models serve` from Python (the pipeline's serve check and the README demo use them).
+`mlflow models serve` from Python (the pipeline's serve check and the README demo use them);
+they run the server with UVICORN_LOOP=loraflow.serving:server_loop, an event loop with enough
+threads that every concurrent request can join one micro-batch (set it too when you start
+`mlflow models serve` yourself).
 
 Every request is bounded:
 - at most MAX_ROWS prompt rows; max_new_tokens in [1, registry.max_new_tokens_cap]; seed in
@@ -35,6 +38,7 @@ Every request is bounded:
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -49,6 +53,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -69,6 +74,7 @@ SERVER_TIMEOUT_MARGIN_SECONDS = 5  # the budget ends this long before the scorin
 UNSET_MODEL_MAX_LENGTH = 10**9  # tokenizers without a limit report int(1e30)
 BATCH_WAIT_SECONDS = 0.02  # an idle model waits this long for concurrent requests to join a batch
 MAX_BATCH_ROWS = 64  # prompts in one batched generate call (generation.generate splits it by eval.batch_size)
+SERVER_LOOP_ENV = "UVICORN_LOOP"  # uvicorn reads its --loop option from here
 POLL_SECONDS = 0.05  # how often a waiting request looks for its turn
 
 logger = logging.getLogger(__name__)
@@ -209,6 +215,18 @@ def load_served_model(context):
     model, tokenizer = models.load_model(cfg, context.artifacts["model"], quantize=False)
     model.eval()
     return cfg, model, tokenizer
+
+
+def server_loop() -> asyncio.AbstractEventLoop:
+    """The scoring server's event loop, with a pool of MAX_BATCH_ROWS threads for predict calls.
+
+    MLflow's scoring server runs each predict through asyncio.to_thread, in the loop's default pool of
+    min(32, cpus + 4) threads (6 on 2 cores), so a micro-batch could hold no more requests than that: 8
+    concurrent clients became a batch of 6 and then one of 2. The threads only wait for their batch.
+    uvicorn takes it from $UVICORN_LOOP (set by server_env; `mlflow models serve` users can set it too)."""
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=MAX_BATCH_ROWS, thread_name_prefix="loraflow-predict"))
+    return loop
 
 
 def http_error(exc: Exception, budget: float, hint: str) -> MlflowException:
@@ -356,6 +374,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         """Answer every request of `batch` with one generate call (under the lock); each gets its answers or error."""
         try:
             prompts = [prompt for request in batch for prompt in request.fitted]
+            logger.debug("one generate call for %d requests, %d prompts", len(batch), len(prompts))
             try:
                 answers = self.generate(prompts, batch[0].settings, min(r.deadline for r in batch))
             except Exception as exc:
@@ -519,8 +538,10 @@ def serve_command(model_uri: str, host: str, port: int, workers: int = 1, timeou
 
 
 def server_env(store: tracking.Store, env: dict | None = None) -> dict:
-    """The environment for the server: `uvicorn` found beside this Python, the tracking URI passed on."""
+    """The environment for the server: `uvicorn` found beside this Python, the tracking URI passed on, and the
+    event loop whose thread pool lets every concurrent request join a micro-batch (server_loop)."""
     env = dict(os.environ if env is None else env)
+    env.setdefault(SERVER_LOOP_ENV, "loraflow.serving:server_loop")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["MLFLOW_TRACKING_URI"] = store.uri
     return env
