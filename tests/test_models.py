@@ -71,3 +71,29 @@ def test_gguf_file_converts_once_to_a_cached_folder(tmp_path, monkeypatch):
     mtime = (models.Path(folder) / "config.json").stat().st_mtime
     assert models.resolve_model_path(str(gguf)) == folder
     assert (models.Path(folder) / "config.json").stat().st_mtime == mtime
+
+
+def attention_config(tiny_llama, kind: str = "causal"):
+    return from_dict({"name": "m", "data": {"path": "x", "max_length": 32},
+                      "model": {"name": str(tiny_llama), "quantization": "none", "dtype": "fp32", "kind": kind},
+                      "train": {"batch_size": 2}, "lora": {"r": 2}})
+
+
+def test_training_attention_is_eager_only_where_it_measures_faster(tiny_llama, monkeypatch):
+    """faster_cpu_attention times both at the training shape: with sdpa made 50 ms slower it picks eager (and the
+    model then trains through eager attention); with the model's own attention left alone by a T5 it keeps it."""
+    import time
+
+    cfg = attention_config(tiny_llama)
+    model = models.attach_lora(models.load_model(cfg, str(tiny_llama))[0], cfg)
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: time.sleep(0.05) or sdpa(*a, **k))
+    assert models.faster_cpu_attention(model, cfg) == "eager"
+    assert model.get_base_model().config._attn_implementation == "eager"
+    monkeypatch.undo()
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "labels": torch.tensor([[1, 2, 3, 4]])}
+    assert torch.isfinite(model(**batch).loss)
+    cfg = attention_config(tiny_llama, kind="seq2seq")
+    assert models.faster_cpu_attention(model, cfg) == "eager"  # not a causal training: nothing measured or changed

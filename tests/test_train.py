@@ -40,6 +40,7 @@ def test_train_logs_run_metrics_artifacts_and_lineage(tiny_llama, write_project,
     assert run.data.metrics["train/tokens"] > 0
     for tag in ("loraflow.git_sha", "loraflow.config_hash", "loraflow.data_digest", "loraflow.base_model"):
         assert run.data.tags[tag], tag
+    assert run.data.tags["loraflow.attention"] in ("sdpa", "eager")  # models.faster_cpu_attention's choice
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for d in ("adapter", "plots", "config") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "plots/loss_curve.png",

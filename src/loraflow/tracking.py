@@ -41,6 +41,7 @@ class Tags:
     BASE_MODEL = "loraflow.base_model"
     BASE_MODEL_PATH = "loraflow.base_model_path"
     OUTPUT_DIR = "loraflow.output_dir"
+    ATTENTION = "loraflow.attention"  # the attention implementation training used (models.faster_cpu_attention)
     ADAPTER_MODEL_ID = "loraflow.adapter_model_id"  # the training run's adapter as an MLflow logged model
     ERROR = "loraflow.error"
     HEARTBEAT = "loraflow.heartbeat"  # unix time, refreshed while the stage's process lives

@@ -523,6 +523,11 @@ def train_in_run(cfg: Config, args, ranks: Ranks, stopper: StopOnSignal, run_id:
     transformers.set_seed(cfg.train.seed)  # the same LoRA initialisation in every process, run and job
     model, tokenizer = models.load_model(cfg, base_path)
     model = models.attach_lora(model, cfg)
+    attention = ranks.from_main(models.faster_cpu_attention(model, cfg) if ranks.main else None)
+    if not ranks.main and attention == "eager":
+        model.get_base_model().set_attn_implementation("eager")  # every rank computes as rank 0 chose
+    if ranks.main:
+        mlflow.set_tag(Tags.ATTENTION, attention)
     state = resumed_state(checkpoint, run_id, ranks)
     state["metrics"] = tracking.MetricBuffer(run_id, cfg.train.store_outage_seconds) if ranks.main else None
     state["best_dir"] = Path(args.output_dir) / "best_adapter"  # beside the checkpoints, so a resumed run keeps it
