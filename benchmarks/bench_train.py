@@ -1,7 +1,8 @@
 """Training throughput: loraflow's training path vs the plain Hugging Face way, side by side.
 
     .venv/bin/python benchmarks/bench_train.py [--smoke] [--pairs 5] [--steps 3] [--dtype auto|fp32]
-                                              [--variants full_head,no_dropout,no_autocast]
+                                              [--variants full_head,no_dropout,no_autocast,
+                                              torch_dropout,sdpa_attention]
 
 A = loraflow: models.load_model + models.attach_lora with model.dtype=auto (bf16 weights and bf16
 autocast on a CPU with AMX/AVX512-BF16), data.training_examples (completion-only labels) and
@@ -171,9 +172,9 @@ def without_autocast(make_arguments):
 
 
 def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast: bool = True,
-                 head_trim: bool = True):
-    """One loraflow training run of cfg.train.max_steps steps, through its own code path (with `autocast` or
-    `head_trim` off: that lever left out)."""
+                 head_trim: bool = True, sixteen_bit_dropout: bool = True, attention_probe: bool = True):
+    """One loraflow training run of cfg.train.max_steps steps, through its own code path (with `autocast`,
+    `head_trim`, `sixteen_bit_dropout` or `attention_probe` off: that lever left out)."""
     from unittest import mock
 
     import mlflow
@@ -184,7 +185,10 @@ def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast
     def run() -> dict:
         torch.manual_seed(cfg.train.seed)
         model, tokenizer = models.load_model(cfg, model_path)
-        model = models.attach_lora(model, cfg)
+        with mock.patch.object(models, "use_sixteen_bit_dropout", models.use_sixteen_bit_dropout
+                               if sixteen_bit_dropout else lambda model: 0):
+            model = models.attach_lora(model, cfg)
+        attention = models.faster_cpu_attention(model, cfg) if attention_probe else "sdpa"
         output_dir = Path(tempfile.mkdtemp(prefix="bench-loraflow-", dir=cfg.train.output_dir))
         make_arguments = train.training_arguments if autocast else without_autocast(train.training_arguments)
         with mock.patch.object(train, "training_arguments", make_arguments), \
@@ -199,6 +203,7 @@ def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast
             wall, _ = common.timed(trainer.train)
         kept[name] = (model, tokenizer)
         return {**measurement(trainer, tokens, wall, setup), "mlflow_logging_seconds": logging[0],
+                "attention": attention,
                 "train_py_counted_tokens": counted["tokens"]}  # what train.run would log as train/tokens
     return run
 
@@ -235,6 +240,9 @@ VARIANTS = {  # loraflow's path with one lever changed, tried with --variants (a
     "no_dropout": "lora.dropout=0: PEFT then skips the dropout mask it draws for every LoRA input",
     "no_autocast": "bf16 weights without bf16 autocast (TrainingArguments.bf16=False)",
     "full_head": "the LM head and loss on every position, prompt and padding included (models.takes_logits_to_keep off)",
+    "sdpa_attention": "the model's sdpa attention kept (models.faster_cpu_attention not asked)",
+    "torch_dropout": "PEFT's own nn.Dropout on the LoRA inputs (one random draw per mask element) instead of "
+                     "dropout.SixteenBitDropout",
 }
 
 
@@ -242,7 +250,8 @@ def variant_arm(variant: str, cfg, model_path: str, prepared, kept: dict):
     if variant == "no_dropout":
         cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
     return loraflow_arm(f"loraflow_{variant}", cfg, model_path, prepared, kept, autocast=variant != "no_autocast",
-                        head_trim=variant != "full_head")
+                        head_trim=variant != "full_head", sixteen_bit_dropout=variant != "torch_dropout",
+                        attention_probe=variant != "sdpa_attention")
 
 
 def baseline_dataset(rows: list[dict], tokenizer, cfg):
