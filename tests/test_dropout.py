@@ -8,7 +8,7 @@ import torch
 
 from loraflow import models
 from loraflow.config import from_dict
-from loraflow.dropout import SixteenBitDropout
+from loraflow.dropout import LastMask, SixteenBitDropout
 
 
 def test_p_is_rounded_to_sixteen_bits_and_kept_elements_keep_the_expected_value():
@@ -61,3 +61,60 @@ def test_attach_lora_swaps_every_lora_dropout_and_the_adapter_keeps_its_p(tiny_l
     assert not any(type(d) is torch.nn.Dropout for d in dropouts)
     model.save_pretrained(tmp_path / "adapter")
     assert f'"lora_dropout": {dropout_p}' in (tmp_path / "adapter" / "adapter_config.json").read_text()
+
+
+def test_a_shared_last_mask_hands_the_same_copy_only_for_the_same_unchanged_input_and_p():
+    shared = LastMask()
+    first, second, other_p = (SixteenBitDropout(p, shared).train() for p in (0.5, 0.5, 0.25))
+    x = torch.randn(64, 64)
+    dropped = first(x)
+    assert second(x) is dropped
+    assert not torch.equal(second(x.clone()), dropped)  # another tensor, even of the same values: a fresh mask
+    dropped = first(x)
+    assert not torch.equal(other_p(x), dropped)  # another p
+    dropped = first(x)
+    x.mul_(1)  # changed in place
+    assert not torch.equal(second(x), dropped)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lora_layers_fed_the_same_input_share_its_mask_and_checkpointing_replays_it(tiny_llama, dtype, monkeypatch):
+    """q, k and v (and gate and up) get one dropped copy of their common input: 4 masks a layer, not 7; with
+    gradient checkpointing the recomputed forward draws the same masks, so the gradients are the same."""
+    cfg = from_dict({"name": "m", "data": {"path": "x"}, "model": {"name": str(tiny_llama), "quantization": "none",
+                                                                    "dtype": dtype},
+                     "lora": {"r": 2, "dropout": 0.3, "target_modules": "all-linear"}})
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), "labels": torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])}
+    draws = []
+    kept = SixteenBitDropout.kept
+    monkeypatch.setattr(SixteenBitDropout, "kept", lambda self, shape: draws.append(shape) or kept(self, shape))
+
+    def gradients_and_outputs(checkpointing: bool):
+        torch.manual_seed(0)
+        model = models.attach_lora(models.load_model(cfg, str(tiny_llama))[0], cfg).train()
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero, where dropout would change no gradient of A
+                torch.nn.init.normal_(parameter, std=0.5)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        outputs = {}
+        for name, module in model.named_modules():
+            if isinstance(module, SixteenBitDropout):
+                module.register_forward_hook(lambda module, args, out, name=name: outputs.setdefault(name, out))
+        draws.clear()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = model(**batch).loss
+        loss.backward()
+        return [p.grad for p in model.parameters() if p.requires_grad], outputs, len(draws)
+
+    gradients, outputs, count = gradients_and_outputs(checkpointing=False)
+    assert count == 8  # 2 layers x (attention input, o_proj input, MLP input, down_proj input)
+    for layer in (0, 1):
+        def out(proj):
+            return next(o for name, o in outputs.items() if f"layers.{layer}." in name and f".{proj}." in name)
+        assert out("q_proj") is out("k_proj") is out("v_proj") and out("gate_proj") is out("up_proj")
+        assert 0 < (out("q_proj") == 0).float().mean() < 0.6 and 0 < (out("down_proj") == 0).float().mean() < 0.6
+    replayed, _, count = gradients_and_outputs(checkpointing=True)
+    assert count == 16  # the forward and its replay in the backward
+    assert all(torch.equal(a, b) for a, b in zip(gradients, replayed))

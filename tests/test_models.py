@@ -99,3 +99,42 @@ def test_training_attention_is_eager_only_where_it_measures_faster(tiny_llama, m
     assert torch.isfinite(model(**batch).loss)
     cfg = attention_config(tiny_llama, kind="seq2seq")
     assert models.faster_cpu_attention(model, cfg) == "eager"  # not a causal training: nothing measured or changed
+
+
+def test_under_cpu_autocast_lora_inputs_skip_peft_casts_with_the_same_loss_and_gradients(tiny_llama):
+    """In a bf16 model with fp32 adapter weights, PEFT casts each LoRA input to fp32 and autocast casts it back:
+    attach_lora skips that cast while CPU autocast is on (the dropout sees bf16), giving the same loss and
+    gradients as PEFT's cast; without autocast (validation loss) PEFT still casts, so the forward runs."""
+    cfg = from_dict({"name": "m", "data": {"path": "x"}, "model": {"name": str(tiny_llama), "quantization": "none",
+                                                                    "dtype": "bf16"},
+                     "lora": {"r": 2, "dropout": 0.1, "target_modules": "all-linear"}})
+    model = models.attach_lora(models.load_model(cfg, str(tiny_llama))[0], cfg).train()
+    seen = []
+    for module in model.modules():
+        for dropout in getattr(module, "lora_dropout", {}).values():
+            dropout.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+            dropout.shared = None  # PEFT's casts make one input per layer: one mask each in both arms, drawn alike
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 6]]), "labels": torch.tensor([[1, 2, 3, 4, 5, 6]])}
+
+    def loss_and_gradients(peft_casts: bool):
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = True if peft_casts else models.CastUnlessAutocast()
+        model.zero_grad()
+        seen.clear()
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad], set(seen)
+
+    assert models.skip_input_casts_under_autocast(model) == 14  # the tiny Llama: 2 layers x 7 linears
+    ours, peft_way = loss_and_gradients(peft_casts=False), loss_and_gradients(peft_casts=True)
+    assert ours[2] == {torch.bfloat16} and peft_way[2] == {torch.float32}
+    assert ours[0] == peft_way[0]
+    assert all(torch.equal(a, b) for a, b in zip(ours[1], peft_way[1]))
+    loss_and_gradients(peft_casts=False)
+    seen.clear()
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(**batch).loss)
+    assert set(seen) == {torch.float32} and len(seen) == 14  # no autocast: PEFT casts to the adapter's fp32

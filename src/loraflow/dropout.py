@@ -9,8 +9,15 @@ elements on 2 cores, so the 210 LoRA inputs of SmolLM2 took a quarter of a train
 kept elements are scaled by 1 / (1 - that probability), so the expected value is kept exactly. The
 draws come from torch's default generator (transformers.set_seed seeds it; gradient checkpointing
 replays it). Elsewhere than on the CPU, where dropout is one fused kernel, it is torch's own dropout.
+
+The dropouts of one model share a LastMask: LoRA layers fed the same input tensor (q, k and v of an
+attention block; gate and up of an MLP) get one dropped copy of it instead of one each, so a
+SmolLM2 layer computes four masks, not seven. Each adapter still sees its input dropped with
+probability p; the three attention adapters see the same elements dropped.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -20,9 +27,10 @@ SIXTEEN_BITS = 2**16
 class SixteenBitDropout(torch.nn.Module):
     """nn.Dropout(p) with a mask drawn 16 bits an element (see the module docstring)."""
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, shared: LastMask | None = None):
         super().__init__()
         self.p = p
+        self.shared = shared
         self.threshold = round(p * SIXTEEN_BITS)  # an element is dropped when its draw is among the lowest this many
         self.drop_probability = self.threshold / SIXTEEN_BITS
         self.scale = 1 / (1 - self.drop_probability) if self.threshold < SIXTEEN_BITS else 0.0
@@ -32,6 +40,12 @@ class SixteenBitDropout(torch.nn.Module):
             return x
         if x.device.type != "cpu" or self.threshold >= SIXTEEN_BITS:
             return torch.nn.functional.dropout(x, self.p, training=True)
+        if self.shared is not None:
+            return self.shared.output_for(x, self)
+        return self.dropped(x)
+
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """x with a fresh mask applied and the kept elements scaled."""
         return torch.where(self.kept(x.shape), x * self.scale, 0)
 
     def kept(self, shape: torch.Size) -> torch.Tensor:
@@ -43,3 +57,25 @@ class SixteenBitDropout(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, drops {self.drop_probability:.7g}"
+
+
+class LastMask:
+    """The last input a model's SixteenBitDropouts dropped and its dropped copy, handed again for the same input.
+
+    The input is held by weak reference (a dead one never matches a new tensor at its address), the copy
+    strongly (one activation, replaced at the next input), so sharing also works under gradient
+    checkpointing, which keeps no activations: there the recomputed input is a new tensor, and the replayed
+    forward draws its masks in the order the first one did. An input changed in place (a new _version), or
+    met by a dropout of another p, gets a fresh mask.
+    """
+
+    def __init__(self):
+        self.input = self.output = self.key = None
+
+    def output_for(self, x: torch.Tensor, dropout: SixteenBitDropout) -> torch.Tensor:
+        key = (x._version, dropout.threshold, torch.is_grad_enabled())
+        if self.input is not None and self.input() is x and self.key == key:
+            return self.output
+        output = dropout.dropped(x)
+        self.input, self.output, self.key = weakref.ref(x), output, key
+        return output

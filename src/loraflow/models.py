@@ -229,6 +229,7 @@ def attach_lora(model, cfg: Config):
     except ValueError as exc:
         raise LoraflowError(f"cannot attach LoRA: {str(exc).splitlines()[0]}") from None
     use_sixteen_bit_dropout(model)
+    skip_input_casts_under_autocast(model)
     return model
 
 
@@ -285,20 +286,50 @@ def eager_is_faster(dtype, shape: tuple[int, int, int, int], budget_seconds: flo
 
 
 def use_sixteen_bit_dropout(model) -> int:
-    """Swap PEFT's LoRA dropout modules for dropout.SixteenBitDropout (the same p); returns how many were swapped."""
+    """Swap PEFT's LoRA dropout modules for dropout.SixteenBitDropout (the same p, one LastMask shared by all, so
+    layers fed the same input share its mask); returns how many were swapped."""
     import torch
 
-    from loraflow.dropout import SixteenBitDropout
+    from loraflow.dropout import LastMask, SixteenBitDropout
 
+    shared = LastMask()
     swapped = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict):
             for name, dropout in dropouts.items():
                 if type(dropout) is torch.nn.Dropout and dropout.p > 0:
-                    dropouts[name] = SixteenBitDropout(dropout.p)
+                    dropouts[name] = SixteenBitDropout(dropout.p, shared)
                     swapped += 1
     return swapped
+
+
+class CastUnlessAutocast:
+    """False while CPU autocast is on: a LoRA layer's `cast_input_dtype_enabled` that skips PEFT's input cast then.
+
+    PEFT casts a LoRA layer's input to its adapter weights' dtype (fp32) before dropout and lora_A; under bf16
+    autocast lora_A casts it straight back, so each of the 210 LoRA inputs of SmolLM2 was copied twice a forward
+    (and twice again backward). Skipping the first cast gives the same numbers (bf16 dropout rounds once, as
+    the fp32 product rounded to bf16 by autocast did). Without autocast (validation loss, generation) PEFT casts
+    as before, so fp32 adapter weights never meet a bf16 input."""
+
+    def __bool__(self) -> bool:
+        import torch
+
+        return not torch.is_autocast_enabled("cpu")
+
+
+def skip_input_casts_under_autocast(model) -> int:
+    """Give every PEFT layer of a CPU model a CastUnlessAutocast; returns how many. On a GPU PEFT keeps casting."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if torch.cuda.is_available():
+        return 0
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = CastUnlessAutocast()
+    return len(layers)
 
 
 def load_adapter(model, adapter_dir: str | Path):
