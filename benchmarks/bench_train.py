@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_train.py [--smoke] [--pairs 5] [--steps 3] [--dtype auto|fp32]
                                               [--variants full_head,no_dropout,no_autocast,
-                                              torch_dropout,sdpa_attention]
+                                              torch_dropout,sdpa_attention,peft_input_cast,own_masks]
 
 A = loraflow: models.load_model + models.attach_lora with model.dtype=auto (bf16 weights and bf16
 autocast on a CPU with AMX/AVX512-BF16), data.training_examples (completion-only labels) and
@@ -172,9 +172,11 @@ def without_autocast(make_arguments):
 
 
 def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast: bool = True,
-                 head_trim: bool = True, sixteen_bit_dropout: bool = True, attention_probe: bool = True):
+                 head_trim: bool = True, sixteen_bit_dropout: bool = True, attention_probe: bool = True,
+                 skip_input_casts: bool = True, shared_masks: bool = True):
     """One loraflow training run of cfg.train.max_steps steps, through its own code path (with `autocast`,
-    `head_trim`, `sixteen_bit_dropout` or `attention_probe` off: that lever left out)."""
+    `head_trim`, `sixteen_bit_dropout`, `attention_probe`, `skip_input_casts` or `shared_masks` off: that lever
+    left out)."""
     from unittest import mock
 
     import mlflow
@@ -186,8 +188,16 @@ def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast
         torch.manual_seed(cfg.train.seed)
         model, tokenizer = models.load_model(cfg, model_path)
         with mock.patch.object(models, "use_sixteen_bit_dropout", models.use_sixteen_bit_dropout
-                               if sixteen_bit_dropout else lambda model: 0):
+                               if sixteen_bit_dropout else lambda model: 0), \
+                mock.patch.object(models, "skip_input_casts_under_autocast", models.skip_input_casts_under_autocast
+                                  if skip_input_casts else lambda model: 0):
             model = models.attach_lora(model, cfg)
+        if not shared_masks:
+            from loraflow.dropout import SixteenBitDropout
+
+            for module in model.modules():
+                if isinstance(module, SixteenBitDropout):
+                    module.shared = None
         attention = models.faster_cpu_attention(model, cfg) if attention_probe else "sdpa"
         output_dir = Path(tempfile.mkdtemp(prefix="bench-loraflow-", dir=cfg.train.output_dir))
         make_arguments = train.training_arguments if autocast else without_autocast(train.training_arguments)
@@ -243,6 +253,9 @@ VARIANTS = {  # loraflow's path with one lever changed, tried with --variants (a
     "sdpa_attention": "the model's sdpa attention kept (models.faster_cpu_attention not asked)",
     "torch_dropout": "PEFT's own nn.Dropout on the LoRA inputs (one random draw per mask element) instead of "
                      "dropout.SixteenBitDropout",
+    "peft_input_cast": "PEFT's cast of every LoRA input to the adapter's fp32 kept under bf16 autocast "
+                       "(models.skip_input_casts_under_autocast not applied)",
+    "own_masks": "one dropout mask per LoRA layer, none shared by layers fed the same input (dropout.LastMask off)",
 }
 
 
@@ -251,7 +264,8 @@ def variant_arm(variant: str, cfg, model_path: str, prepared, kept: dict):
         cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
     return loraflow_arm(f"loraflow_{variant}", cfg, model_path, prepared, kept, autocast=variant != "no_autocast",
                         head_trim=variant != "full_head", sixteen_bit_dropout=variant != "torch_dropout",
-                        attention_probe=variant != "sdpa_attention")
+                        attention_probe=variant != "sdpa_attention", skip_input_casts=variant != "peft_input_cast",
+                        shared_masks=variant != "own_masks")
 
 
 def baseline_dataset(rows: list[dict], tokenizer, cfg):
