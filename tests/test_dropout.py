@@ -1,7 +1,9 @@
 """SixteenBitDropout: the drop rate and scale it promises, torch's RNG seeding, and that LoRA training uses it."""
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -118,3 +120,13 @@ def test_lora_layers_fed_the_same_input_share_its_mask_and_checkpointing_replays
     replayed, _, count = gradients_and_outputs(checkpointing=True)
     assert count == 16  # the forward and its replay in the backward
     assert all(torch.equal(a, b) for a, b in zip(gradients, replayed))
+
+
+def test_a_model_copied_or_pickled_after_a_training_forward_gets_an_empty_shared_mask():
+    shared = LastMask()
+    model = torch.nn.Sequential(SixteenBitDropout(0.5, shared), SixteenBitDropout(0.5, shared)).train()
+    model(torch.randn(4, 8, requires_grad=True) * 2)  # the held copy is part of an autograd graph
+    assert shared.output is not None
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied[0].shared is copied[1].shared and copied[0].shared is not shared
+        assert copied[0].shared.output is None

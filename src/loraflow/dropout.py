@@ -66,11 +66,15 @@ class LastMask:
     strongly (one activation, replaced at the next input), so sharing also works under gradient
     checkpointing, which keeps no activations: there the recomputed input is a new tensor, and the replayed
     forward draws its masks in the order the first one did. An input changed in place (a new _version), or
-    met by a dropout of another p, gets a fresh mask.
+    met by a dropout of another p, gets a fresh mask. A copy or pickle of the model gets an empty one: the
+    held copy belongs to an autograd graph, which torch cannot deep-copy.
     """
 
     def __init__(self):
         self.input = self.output = self.key = None
+
+    def __reduce__(self):
+        return LastMask, ()
 
     def output_for(self, x: torch.Tensor, dropout: SixteenBitDropout) -> torch.Tensor:
         key = (x._version, dropout.threshold, torch.is_grad_enabled())
