@@ -145,6 +145,39 @@ def test_prepare_logs_counts_dataset_and_digest(tiny_llama, write_project, run_c
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"tiny-train", "tiny-validation", "tiny-test"}
 
 
+def test_a_split_another_worker_stored_at_the_same_moment_is_logged_not_failed(tiny_llama, write_project, run_cli,
+                                                                                monkeypatch):
+    """Two workers logging the same split race in the store: both look the dataset up, find none, and the
+    second insert is a duplicate key (an MLflow error). Injected here: the other worker's insert lands
+    between this run's lookup and insert. The run still logs its three inputs, each dataset stored once."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    original, raced = SqlAlchemyStore._log_inputs_impl, []
+
+    def other_worker_first(self, experiment_id, run_id, dataset_inputs=None, models=None):
+        if not raced:
+            other = self.create_run(experiment_id, "", 0, [], "other-worker")
+            original(self, experiment_id, other.info.run_id, dataset_inputs, models)
+            raced.append(dataset_inputs[0].dataset.name)
+            raise MlflowException('(IntegrityError) duplicate key value violates unique constraint "dataset_pk"')
+        return original(self, experiment_id, run_id, dataset_inputs, models)
+
+    monkeypatch.setattr(SqlAlchemyStore, "_log_inputs_impl", other_worker_first)
+    code, out, err = run_cli("prepare", write_project(tiny_llama))
+    assert code == 0, err
+    assert len(raced) == 1  # the first split logged met the race
+    run = runs_of("prepare")[0]
+    assert run.info.status == "FINISHED"
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"tiny-train", "tiny-validation", "tiny-test"}
+    other = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string="attributes.run_name = 'other-worker'")[0]
+    [shared] = other.inputs.dataset_inputs
+    [mine] = [i for i in run.inputs.dataset_inputs if i.dataset.name == raced[0]]
+    assert (mine.dataset.name, mine.dataset.digest) == (shared.dataset.name, shared.dataset.digest)
+
+
 def test_long_prompts_are_cut_from_the_left_and_keep_the_target():
     prompt, target = list(range(100)), [500, 501, 502]
     kept_prompt, kept_target = data.fit_to_length(prompt, target, 16)

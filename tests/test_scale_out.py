@@ -404,7 +404,9 @@ def test_tune_workers_on_two_hosts_share_one_study_over_the_network(tiny_llama, 
         # Workers finishing at the same instant may each start one last trial (studies.py): at most one more here.
         assert total <= len(trials) <= total + 1
         assert sorted(t.number for t in trials) == list(range(len(trials)))
-        assert {t.state.name for t in trials} == {"COMPLETE"}
+        assert {t.state.name for t in trials} == {"COMPLETE"}, [
+            (t.number, t.state.name, t.user_attrs.get("worker_host"), t.user_attrs.get("fail_reason"),
+             t.system_attrs.get("fail_reason")) for t in trials if t.state.name != "COMPLETE"]
         run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
         assert len(set(run_ids)) == len(trials)
 
