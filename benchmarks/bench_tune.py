@@ -1,13 +1,15 @@
 """Search: wall time for `tune` to come within 1% of the best validation loss, pruning vs no pruning.
 
     .venv/bin/python benchmarks/bench_tune.py [--smoke] [--pairs 3] [--trials 16] [--steps 10] [--eval-every 1]
-                                              [--pruner hyperband|median]
+                                              [--pruner median|hyperband] [--space default|narrow]
 
 After an unmeasured one-trial study (--warmup; the first training in a process pays seconds to
 minutes of one-off costs), each round runs two fresh studies through loraflow's own tune.run, one
-after the other, with the same sampler seed and trial budget: A with the pruner (hyperband by default;
-validation loss every train.eval_steps), B with no pruner. Round i uses sampler seed i, so the rounds
-search differently. Target = 1.01 x the lowest validation loss either study of the
+after the other, with the same sampler seed and trial budget: A with the pruner (loraflow's default, median, unless
+--pruner hyperband; validation loss every train.eval_steps), B with no pruner. Round i uses sampler seed i, so the rounds
+search differently. The search space is loraflow's default tune.* (r 4-32, alpha multipliers 1 and 2,
+learning rate 1e-5..1e-3 on a log scale); --space narrow is the earlier rounds' (r 4/8/16, learning
+rate 1e-4..3e-3), where nearly every trial lands close to the best. Target = 1.01 x the lowest validation loss either study of the
 round found; an arm's time to target is from its tune.run call to the completion of its first trial
 at or below the target (its whole wall time, flagged not reached, if none). Ratio = B / A: how many
 times less time pruning needs (goal >= 2). Trials write to a throw-away MLflow store and journal.
@@ -21,6 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+
+
+SPACES = {"default": {}, "narrow": {"r_choices": [4, 8, 16], "lr_low": 1e-4, "lr_high": 3e-3}}
 
 
 def study_arm(cfg, trials: int, storage: str, counter: list, seeds: list | None = None) -> callable:
@@ -61,9 +66,12 @@ def parse_args(argv=None):
     parser.add_argument("--trials", type=int, default=None, help="trials per study (default 16; smoke 2)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per trial (default 10; smoke 2)")
     parser.add_argument("--eval-every", type=int, default=None, help="train.eval_steps (default 1)")
-    parser.add_argument("--pruner", choices=("hyperband", "median"), default="hyperband")
+    parser.add_argument("--pruner", choices=("median", "hyperband"), default="median",
+                        help="tune.pruner of arm A (median: loraflow's default)")
     parser.add_argument("--batch-size", type=int, default=None, help="train.batch_size (default 2)")
     parser.add_argument("--eval-rows", type=int, default=8, help="validation rows of each report to the pruner")
+    parser.add_argument("--space", choices=tuple(SPACES), default="default",
+                        help="search space: loraflow's default tune.* or the narrower one of earlier rounds")
     args = common.parse(parser, argv)
     args.trials = args.trials or (2 if args.smoke else 16)
     args.steps = args.steps or (2 if args.smoke else 10)
@@ -78,13 +86,14 @@ def main(argv=None) -> dict:
     model_path = common.model_for(args.smoke)
     storage = str(Path(tempfile.mkdtemp(prefix="bench-optuna-")) / "journal.log")
     tune_settings = {"n_trials": args.trials, "sampler_seed": 0, "pruner_startup_trials": 1 if args.smoke else 2,
-                     "sampler_startup_trials": 1 if args.smoke else 3, "r_choices": [4, 8, 16],
-                     "lr_low": 1e-4, "lr_high": 3e-3}
+                     "sampler_startup_trials": 1 if args.smoke else 3, **SPACES[args.space]}
     train_settings = {"max_steps": args.steps, "eval_steps": args.eval_every, "save_steps": 10_000,
                       "eval_rows": args.eval_rows, "batch_size": args.batch_size}
     configs = {name: common.bench_config(model_path, train=train_settings, tune={**tune_settings, "pruner": pruner})
                for name, pruner in (("pruning", args.pruner), ("no_pruning", "none"))}
-    tune_settings["pruner"] = args.pruner
+    searched = configs["pruning"].tune  # the space as the studies resolve it, for the record
+    tune_settings.update(pruner=args.pruner, space=args.space, r_choices=searched.r_choices,
+                         alpha_multipliers=searched.alpha_multipliers, lr_low=searched.lr_low, lr_high=searched.lr_high)
     counter = [0]
     for _ in range(args.warmup):  # a one-trial study pays the first-use costs (kernels, file cache) unmeasured
         study_arm(configs["pruning"], 1, storage, counter)()
@@ -106,7 +115,7 @@ def report(args, model_path, samples, tune_settings, train_settings) -> dict:
                           common.column(samples["pruning"], "wall_seconds"))
     goals = [common.goal(f"time to within 1% of best: no pruning / {args.pruner} pruning >= 2",
                          to_target["ratio_median"], 2.0)]
-    summary = [f"{args.trials} trials x {args.steps} steps, {args.pruner} pruner, sampler seeds "
+    summary = [f"{args.trials} trials x {args.steps} steps, {args.pruner} pruner, {args.space} search space, sampler seeds "
                f"{[s['sampler_seed'] for s in samples['pruning']]}: time to within 1% of the best: no pruning "
                f"{to_target['a_median']:.0f} s vs pruning {to_target['b_median']:.0f} s = {to_target['ratio_median']:.2f}x "
                f"(min-max {to_target['ratio_min_max'][0]:.2f}-{to_target['ratio_min_max'][1]:.2f}); whole study "
