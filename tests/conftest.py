@@ -43,6 +43,19 @@ def empty_store(tmp_path_factory) -> Path:
     return db
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quantized_copies(tmp_path_factory):
+    """Quantised copies of the tests' models go to a folder of this session, not the user's cache."""
+    folder = tmp_path_factory.mktemp("quantized")
+    previous = os.environ.get("LORAFLOW_QUANTIZED_CACHE")
+    os.environ["LORAFLOW_QUANTIZED_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("LORAFLOW_QUANTIZED_CACHE", None)
+    else:
+        os.environ["LORAFLOW_QUANTIZED_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def isolated_tracking(tmp_path, monkeypatch, empty_store):
     """Each test: its own sqlite MLflow store and working folder; never the user's store."""

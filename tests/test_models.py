@@ -34,6 +34,68 @@ def test_quantization_and_lora_targets(tiny_llama, quantization, layer_type):
     assert tokenizer.pad_token is not None
 
 
+def copy_of(folder):
+    """A tiny model folder of its own: a test may touch its files."""
+    import shutil
+
+    return shutil.copytree(folder, folder.parent / f"{folder.name}-own-{len(list(folder.parent.iterdir()))}")
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_a_quantised_base_is_kept_once_and_loads_the_same_without_quantising(tiny_llama, tmp_path, monkeypatch,
+                                                                             quantization):
+    """The first load quantises and keeps the copy; the next loads it (bitsandbytes' quantiser made to
+    fail, to show it is not called) with the same logits, and PEFT still names the source as the base.
+    Changed source weights get a new copy; LORAFLOW_QUANTIZED_CACHE='' keeps none."""
+    import bitsandbytes.functional
+
+    source = copy_of(tiny_llama)
+    monkeypatch.setenv("LORAFLOW_QUANTIZED_CACHE", str(tmp_path / "quantized"))
+    cfg = from_dict({"name": "m", "data": {"path": "x"}, "model": {"name": str(source), "quantization": quantization},
+                     "lora": {"r": 2}})
+    ids = torch.tensor([[1, 5, 9, 13, 20, 3]])
+    first, _ = models.load_model(cfg, str(source))
+    [kept] = (tmp_path / "quantized").iterdir()
+    assert "quantization_config" in (kept / "config.json").read_text()
+
+    def no_quantising(*args, **kwargs):
+        raise AssertionError("quantised again")
+
+    with monkeypatch.context() as patched:
+        for name in ("quantize_4bit", "int8_vectorwise_quant"):
+            patched.setattr(bitsandbytes.functional, name, no_quantising)
+        second, _ = models.load_model(cfg, str(source))
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)
+    assert models.attach_lora(second, cfg).peft_config["default"].base_model_name_or_path == str(source)
+
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # the same bytes, a new mtime: the source may have changed
+    models.load_model(cfg, str(source))
+    assert len(list((tmp_path / "quantized").iterdir())) == 2
+
+    monkeypatch.setenv("LORAFLOW_QUANTIZED_CACHE", "")
+    other = copy_of(tiny_llama)
+    models.load_model(cfg, str(other))
+    assert len(list((tmp_path / "quantized").iterdir())) == 2
+
+
+def test_a_damaged_quantised_copy_is_made_again(tiny_llama, tmp_path, monkeypatch, capsys):
+    source = copy_of(tiny_llama)
+    monkeypatch.setenv("LORAFLOW_QUANTIZED_CACHE", str(tmp_path / "quantized"))
+    cfg = from_dict({"name": "m", "data": {"path": "x"}, "model": {"name": str(source), "quantization": "nf4"}})
+    ids = torch.tensor([[1, 5, 9, 13, 20, 3]])
+    first, _ = models.load_model(cfg, str(source))
+    [kept] = (tmp_path / "quantized").iterdir()
+    (kept / "model.safetensors").write_bytes(b"truncated")
+    second, _ = models.load_model(cfg, str(source))
+    assert "quantising again" in capsys.readouterr().err
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)
+    third, _ = models.load_model(cfg, str(source))  # the copy was made again, whole
+    assert (kept / "model.safetensors").stat().st_size > 1000 and [p.name for p in kept.parent.iterdir()] == [kept.name]
+
+
 def test_compute_dtype_follows_the_config(tiny_llama):
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         cfg = from_dict({"name": "m", "data": {"path": "x"}, "model": {"name": "x", "dtype": name}})

