@@ -19,11 +19,13 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 DOCS = BENCH_DIR.parent / "docs" / "benchmarks.md"
-ORDER = ("train", "train-fp32", "memory", "generate", "serving", "serving-fp32", "tune", "coldstart", "load")
+ORDER = ("train", "train-fp32", "memory", "generate", "serving", "serving-fp32", "tune", "coldstart", "coldstart-nf4",
+         "load")
 VARIANTS = {  # result name: (benchmark, its options)
     "train": ("train", ["--variants", "full_head,no_dropout"]),
     "train-fp32": ("train", ["--dtype", "fp32", "--variants", "full_head"]),
     "serving-fp32": ("serving", ["--dtype", "fp32"]),
+    "coldstart-nf4": ("coldstart", ["--quantization", "nf4"]),
 }
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 LOADED_AT = 1.0  # 1-minute load average on this 2-core machine from which we call the machine loaded

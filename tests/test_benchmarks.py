@@ -70,6 +70,19 @@ def test_benchmark_smoke_writes_results(name, tmp_path, monkeypatch, bench_store
     shutil.copy(tmp_path / f"{name}-smoke.json", table_dir / f"{name}.json")
 
 
+def test_coldstart_of_qlora_also_times_the_start_that_quantises_again(tmp_path, monkeypatch, bench_store, table_dir):
+    monkeypatch.setenv("LORAFLOW_BENCH_TRACKING_URI", bench_store)
+    bench_module("bench_coldstart").main(["--smoke", "--results-dir", str(tmp_path), "--quantization", "nf4",
+                                          "--pairs", "1"])
+    record = json.loads((tmp_path / "coldstart-nf4-smoke.json").read_text())
+    assert record["benchmark"] == "coldstart-nf4" and record["settings"]["quantization"] == "nf4"
+    assert len(record["samples"]) == len(record["quantising_samples"]) == 1
+    assert len(list(Path(record["settings"]["quantized_cache"]).iterdir())) == 1  # kept once, then loaded
+    assert record["quantising_over_kept_copy"]["ratio_median"] > 0
+    assert any("quantising the base again" in line for line in record["summary"])
+    shutil.copy(tmp_path / "coldstart-nf4-smoke.json", table_dir / "coldstart-nf4.json")
+
+
 def test_docs_table_lists_every_goal(table_dir):
     run_all = bench_module("run_all")
     written = {p.stem for p in table_dir.glob("*.json")}
