@@ -96,6 +96,34 @@ def test_a_damaged_quantised_copy_is_made_again(tiny_llama, tmp_path, monkeypatc
     assert (kept / "model.safetensors").stat().st_size > 1000 and [p.name for p in kept.parent.iterdir()] == [kept.name]
 
 
+def test_a_disk_that_fills_while_keeping_the_copy_leaves_no_half_copy(tiny_llama, tmp_path, monkeypatch, capsys):
+    """Saving fails half-way (a full disk, injected): the run goes on with its model, the cache holds
+    nothing (no half-written copy for the next load to trust), and the next load keeps the copy whole."""
+    from pathlib import Path
+
+    from transformers import PreTrainedModel
+
+    source = copy_of(tiny_llama)
+    monkeypatch.setenv("LORAFLOW_QUANTIZED_CACHE", str(tmp_path / "quantized"))
+    cfg = from_dict({"name": "m", "data": {"path": "x"}, "model": {"name": str(source), "quantization": "nf4"}})
+    save = PreTrainedModel.save_pretrained
+
+    def disk_full(self, folder, **kwargs):
+        save(self, folder, **kwargs)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(PreTrainedModel, "save_pretrained", disk_full)
+        model, _ = models.load_model(cfg, str(source))
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert "could not keep a quantised copy" in capsys.readouterr().err
+    assert list((tmp_path / "quantized").iterdir()) == []
+    models.load_model(cfg, str(source))
+    [kept] = (tmp_path / "quantized").iterdir()
+    assert (kept / "model.safetensors").stat().st_size > 1000
+
+
 def test_compute_dtype_follows_the_config(tiny_llama):
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         cfg = from_dict({"name": "m", "data": {"path": "x"}, "model": {"name": "x", "dtype": name}})
