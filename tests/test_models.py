@@ -46,7 +46,7 @@ def test_a_quantised_base_is_kept_once_and_loads_the_same_without_quantising(tin
                                                                              quantization):
     """The first load quantises and keeps the copy; the next loads it (bitsandbytes' quantiser made to
     fail, to show it is not called) with the same logits, and PEFT still names the source as the base.
-    Changed source weights get a new copy; LORAFLOW_QUANTIZED_CACHE='' keeps none."""
+    LORAFLOW_QUANTIZED_CACHE='' keeps none."""
     import bitsandbytes.functional
 
     source = copy_of(tiny_llama)
@@ -69,15 +69,38 @@ def test_a_quantised_base_is_kept_once_and_loads_the_same_without_quantising(tin
         assert torch.equal(first(ids).logits, second(ids).logits)
     assert models.attach_lora(second, cfg).peft_config["default"].base_model_name_or_path == str(source)
 
-    weights = source / "model.safetensors"
-    weights.write_bytes(weights.read_bytes())  # the same bytes, a new mtime: the source may have changed
-    models.load_model(cfg, str(source))
-    assert len(list((tmp_path / "quantized").iterdir())) == 2
-
     monkeypatch.setenv("LORAFLOW_QUANTIZED_CACHE", "")
     other = copy_of(tiny_llama)
     models.load_model(cfg, str(other))
-    assert len(list((tmp_path / "quantized").iterdir())) == 2
+    assert list((tmp_path / "quantized").iterdir()) == [kept]
+
+
+def test_a_new_copy_replaces_only_the_copy_of_older_source_files(tiny_llama, tmp_path, monkeypatch):
+    """Changed source files get a new copy, which replaces the old one of the same settings; a copy of
+    other settings stays, and so does a staging folder that may still be written, but not a stale one."""
+    import os
+    import time
+
+    source, cache = copy_of(tiny_llama), tmp_path / "quantized"
+    monkeypatch.setenv("LORAFLOW_QUANTIZED_CACHE", str(cache))
+
+    def config(quantization):
+        return from_dict({"name": "m", "data": {"path": "x"},
+                          "model": {"name": str(source), "quantization": quantization}})
+    models.load_model(config("nf4"), str(source))
+    [nf4_copy] = cache.iterdir()
+    models.load_model(config("int8"), str(source))
+    [int8_copy] = set(cache.iterdir()) - {nf4_copy}
+    stale, fresh = cache / f"{nf4_copy.name}.died", cache / f"{nf4_copy.name}.saving"
+    stale.mkdir(), fresh.mkdir()
+    os.utime(stale, (time.time() - 2 * models.STALE_STAGING_SECONDS,) * 2)
+
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # the same bytes, a new mtime: the source may have changed
+    models.load_model(config("nf4"), str(source))
+    [new_copy] = set(cache.iterdir()) - {int8_copy, fresh}
+    assert new_copy != nf4_copy and (new_copy / "config.json").is_file()
+    assert set(cache.iterdir()) == {new_copy, int8_copy, fresh}
 
 
 def test_a_damaged_quantised_copy_is_made_again(tiny_llama, tmp_path, monkeypatch, capsys):
