@@ -580,12 +580,13 @@ def log_split_input(cfg: Config, prepared: PreparedData, split: str) -> None:
 
     source = prepared.source if Path(prepared.source).is_file() else None
     dataset = mlflow.data.from_pandas(pd.DataFrame(prepared.splits[split]), source=source, name=f"{cfg.name}-{split}")
+    context = split if split != "validation" else "eval"
     try:
-        mlflow.log_input(dataset, context=split if split != "validation" else "eval")
+        mlflow.log_input(dataset, context=context)
     except mlflow.exceptions.MlflowException:
         # The store looks the dataset up by (experiment, name, digest), then inserts it: a worker that stored
         # the same split in between makes the insert a duplicate key. Asked again, the store finds it.
-        mlflow.log_input(dataset, context=split if split != "validation" else "eval")
+        mlflow.log_input(dataset, context=context)
 
 
 def log_prepared(cfg: Config, prepared: PreparedData) -> None:

