@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_train.py [--smoke] [--pairs 5] [--steps 3] [--dtype auto|fp32]
                                               [--variants full_head,no_dropout,no_autocast,
-                                              torch_dropout,sdpa_attention,peft_input_cast,own_masks]
+                                              torch_dropout,sdpa_attention,peft_input_cast,own_masks,
+                                              peft_forward,shared_head]
 
 A = loraflow: models.load_model + models.attach_lora with model.dtype=auto (bf16 weights and bf16
 autocast on a CPU with AMX/AVX512-BF16), data.training_examples (completion-only labels) and
@@ -53,7 +54,8 @@ class TokenCounter:
         batch = self.collate(features)
         if self.model.training:
             labels = sum(targets) if targets is not None else int((batch["labels"] != -100).sum())
-            head = len(batch["logits_to_keep"]) * len(batch["input_ids"]) if "logits_to_keep" in batch \
+            head = int(batch["labelled_positions"].sum()) if "labelled_positions" in batch \
+                else len(batch["logits_to_keep"]) * len(batch["input_ids"]) if "logits_to_keep" in batch \
                 else int(batch["input_ids"].numel())  # positions the LM head computes
             self.pending.append((labels, int(batch["attention_mask"].sum()), int(batch["input_ids"].numel()), head))
         return batch
@@ -173,16 +175,17 @@ def without_autocast(make_arguments):
 
 def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast: bool = True,
                  head_trim: bool = True, sixteen_bit_dropout: bool = True, attention_probe: bool = True,
-                 skip_input_casts: bool = True, shared_masks: bool = True):
+                 skip_input_casts: bool = True, shared_masks: bool = True, fused_forward: bool = True,
+                 per_token_head: bool = True):
     """One loraflow training run of cfg.train.max_steps steps, through its own code path (with `autocast`,
-    `head_trim`, `sixteen_bit_dropout`, `attention_probe`, `skip_input_casts` or `shared_masks` off: that lever
-    left out)."""
+    `head_trim`, `sixteen_bit_dropout`, `attention_probe`, `skip_input_casts`, `shared_masks`, `fused_forward` or
+    `per_token_head` off: that lever left out)."""
     from unittest import mock
 
     import mlflow
     import torch
 
-    from loraflow import models, train
+    from loraflow import fused_lora, models, train
 
     def run() -> dict:
         torch.manual_seed(cfg.train.seed)
@@ -190,7 +193,8 @@ def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast
         with mock.patch.object(models, "use_sixteen_bit_dropout", models.use_sixteen_bit_dropout
                                if sixteen_bit_dropout else lambda model: 0), \
                 mock.patch.object(models, "skip_input_casts_under_autocast", models.skip_input_casts_under_autocast
-                                  if skip_input_casts else lambda model: 0):
+                                  if skip_input_casts else lambda model: 0), \
+                mock.patch.object(fused_lora, "install", fused_lora.install if fused_forward else lambda model: 0):
             model = models.attach_lora(model, cfg)
         if not shared_masks:
             from loraflow.dropout import SixteenBitDropout
@@ -203,6 +207,8 @@ def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast
         make_arguments = train.training_arguments if autocast else without_autocast(train.training_arguments)
         with mock.patch.object(train, "training_arguments", make_arguments), \
                 mock.patch.object(models, "takes_logits_to_keep", models.takes_logits_to_keep if head_trim
+                                  else lambda model: False), \
+                mock.patch.object(models, "head_on_labelled_tokens", models.head_on_labelled_tokens if per_token_head
                                   else lambda model: False):
             setup, trainer = common.timed(lambda: train.build_trainer(cfg, model, tokenizer, prepared, output_dir))
         counted = {"tokens": 0}
@@ -256,6 +262,10 @@ VARIANTS = {  # loraflow's path with one lever changed, tried with --variants (a
     "peft_input_cast": "PEFT's cast of every LoRA input to the adapter's fp32 kept under bf16 autocast "
                        "(models.skip_input_casts_under_autocast not applied)",
     "own_masks": "one dropout mask per LoRA layer, none shared by layers fed the same input (dropout.LastMask off)",
+    "peft_forward": "PEFT's LoRA forward, its scaling and dropout's 1/(1-p) applied to full-width tensors "
+                    "(fused_lora.install not applied)",
+    "shared_head": "the LM head on every row at the positions where some row has a label, not only on the labelled "
+                   "tokens (models.head_on_labelled_tokens not applied)",
 }
 
 
@@ -265,7 +275,8 @@ def variant_arm(variant: str, cfg, model_path: str, prepared, kept: dict):
     return loraflow_arm(f"loraflow_{variant}", cfg, model_path, prepared, kept, autocast=variant != "no_autocast",
                         head_trim=variant != "full_head", sixteen_bit_dropout=variant != "torch_dropout",
                         attention_probe=variant != "sdpa_attention", skip_input_casts=variant != "peft_input_cast",
-                        shared_masks=variant != "own_masks")
+                        shared_masks=variant != "own_masks", fused_forward=variant != "peft_forward",
+                        per_token_head=variant != "shared_head")
 
 
 def baseline_dataset(rows: list[dict], tokenizer, cfg):

@@ -87,9 +87,15 @@ def test_lora_layers_fed_the_same_input_share_its_mask_and_checkpointing_replays
                                                                     "dtype": dtype},
                      "lora": {"r": 2, "dropout": 0.3, "target_modules": "all-linear"}})
     batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), "labels": torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])}
-    draws = []
-    kept = SixteenBitDropout.kept
+    draws, first_outputs = [], {}
+    kept, masked = SixteenBitDropout.kept, SixteenBitDropout.masked
     monkeypatch.setattr(SixteenBitDropout, "kept", lambda self, shape: draws.append(shape) or kept(self, shape))
+
+    def recorded(self, x, scaled):  # each module's first dropped copy (fused_lora calls this, not forward)
+        output = masked(self, x, scaled)
+        first_outputs.setdefault(self, output)
+        return output
+    monkeypatch.setattr(SixteenBitDropout, "masked", recorded)
 
     def gradients_and_outputs(checkpointing: bool):
         torch.manual_seed(0)
@@ -99,15 +105,13 @@ def test_lora_layers_fed_the_same_input_share_its_mask_and_checkpointing_replays
                 torch.nn.init.normal_(parameter, std=0.5)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        outputs = {}
-        for name, module in model.named_modules():
-            if isinstance(module, SixteenBitDropout):
-                module.register_forward_hook(lambda module, args, out, name=name: outputs.setdefault(name, out))
         draws.clear()
+        first_outputs.clear()
         torch.manual_seed(1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             loss = model(**batch).loss
         loss.backward()
+        outputs = {name: first_outputs[module] for name, module in model.named_modules() if module in first_outputs}
         return [p.grad for p in model.parameters() if p.requires_grad], outputs, len(draws)
 
     gradients, outputs, count = gradients_and_outputs(checkpointing=False)

@@ -322,22 +322,37 @@ def test_fp16_compute_trains_with_fp16_mixed_precision(tiny_llama, write_project
 
 
 def test_the_head_and_loss_skip_positions_without_labels(tiny_llama, write_project):
-    """Batches carry the positions whose next token is a label in some row: the LM head computes logits there only,
-    and the loss equals the loss over every position (whose other labels are ignored anyway)."""
-    cfg = load_config(str(write_project(tiny_llama)))
+    """Batches carry the positions whose next token is a label in some row, and which rows have one there: the LM
+    head computes logits at those tokens only, and the loss equals the loss over every position (whose other
+    labels are ignored anyway), as it does with the head on the shared positions alone."""
+    cfg = load_config(str(write_project(tiny_llama, data={"max_length": 256})))  # prompts of their own lengths
     model, tokenizer = models.load_model(cfg, str(tiny_llama))
     model = models.attach_lora(model, cfg)
     collate = train.training_collator(cfg, model, tokenizer)
-    batch = collate(data.training_examples(data.prepare(cfg).splits["train"][:4], tokenizer, cfg))
+    examples = data.training_examples(data.prepare(cfg).splits["train"], tokenizer, cfg)
+    by_prompt_length = {e["labels"].count(data.IGNORE_INDEX): e for e in examples}  # rows whose labels start apart
+    assert len(by_prompt_length) >= 2
+    batch = collate(list(by_prompt_length.values())[:4])
     labelled = (batch["labels"][:, 1:] != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     assert torch.equal(batch["logits_to_keep"], labelled) and len(labelled) < batch["input_ids"].shape[1] - 1
-    assert torch.equal(batch["shift_labels"], batch["labels"][:, 1:][:, labelled])
-    every_position = {key: value for key, value in batch.items() if key not in ("logits_to_keep", "shift_labels")}
+    kept_labels = batch["labels"][:, 1:][:, labelled]
+    tokens = kept_labels != data.IGNORE_INDEX  # within the kept positions, the rows' own labelled tokens
+    assert torch.equal(batch["labelled_positions"], tokens) and not bool(tokens.all())
+    assert torch.equal(batch["shift_labels"], kept_labels[tokens].unsqueeze(0))
+    shared = {key: value for key, value in batch.items() if key != "labelled_positions"}
+    shared["shift_labels"] = kept_labels
+    every_position = {key: value for key, value in shared.items() if key not in ("logits_to_keep", "shift_labels")}
     model.eval()
     with torch.no_grad():
-        kept, full = model(**batch), model(**every_position)
-    assert kept.logits.shape[1] == len(labelled) and full.logits.shape[1] == batch["input_ids"].shape[1]
+        per_token, kept, full = model(**batch), model(**shared), model(**every_position)
+    assert per_token.logits.shape[:2] == (1, int(tokens.sum())) and kept.logits.shape[1] == len(labelled)
+    assert full.logits.shape[1] == batch["input_ids"].shape[1]
+    assert float(per_token.loss) == pytest.approx(float(full.loss), rel=1e-6)
     assert float(kept.loss) == pytest.approx(float(full.loss), rel=1e-6)
+    assert torch.allclose(per_token.logits[0], full.logits[:, :-1][batch["labels"][:, 1:] != data.IGNORE_INDEX],
+                          atol=1e-5)
+    with torch.no_grad():  # the next forward without the mask (generation) computes the head everywhere again
+        assert model(**every_position).logits.shape[1] == batch["input_ids"].shape[1]
     assert not models.takes_logits_to_keep(torch.nn.Linear(2, 2))  # a model without it keeps every position
 
 

@@ -513,11 +513,14 @@ def pad_row_blocks(blocks: list[dict], pad_token_id: int) -> dict:
     return {**batch, "use_cache": False}
 
 
-def head_on_labelled_positions(collate):
+def head_on_labelled_positions(collate, per_token: bool = False):
     """`collate`, each batch also carrying the positions whose next token is a label in some row (logits_to_keep)
     and those next tokens (shift_labels): the vocabulary-wide head, its fp32 upcast and the cross-entropy then skip
-    prompt and padding positions, whose labels are ignored anyway. The loss is the same; only work not needed is
-    left out. A batch where every position counts is left as it is."""
+    prompt and padding positions, whose labels are ignored anyway. With `per_token` (a model that takes it:
+    models.head_on_labelled_tokens) the batch also carries which of those (row, position) pairs have a label
+    (labelled_positions) and shift_labels holds only theirs, one row: the head then computes no position of a row
+    that another row's label kept. The loss is the same; only work not needed is left out. A batch where every
+    position counts is left as it is."""
     import torch
 
     def collate_kept(examples):
@@ -527,6 +530,11 @@ def head_on_labelled_positions(collate):
         keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
         if len(keep) < shifted.shape[1]:
             batch["logits_to_keep"], batch["shift_labels"] = keep, shifted[:, keep].contiguous()
+        kept = batch.get("shift_labels", shifted)
+        labelled = kept != IGNORE_INDEX
+        if per_token and not bool(labelled.all()):
+            batch["logits_to_keep"] = batch.get("logits_to_keep", torch.arange(shifted.shape[1]))
+            batch["labelled_positions"], batch["shift_labels"] = labelled, kept[labelled].unsqueeze(0)
         return batch
     return collate_kept
 

@@ -40,13 +40,26 @@ class SixteenBitDropout(torch.nn.Module):
             return x
         if x.device.type != "cpu" or self.threshold >= SIXTEEN_BITS:
             return torch.nn.functional.dropout(x, self.p, training=True)
-        if self.shared is not None:
-            return self.shared.output_for(x, self)
-        return self.dropped(x)
+        return self.masked(x, scaled=True)
 
-    def dropped(self, x: torch.Tensor) -> torch.Tensor:
-        """x with a fresh mask applied and the kept elements scaled."""
-        return torch.where(self.kept(x.shape), x * self.scale, 0)
+    def draws_mask(self, x: torch.Tensor) -> bool:
+        """Whether a forward on `x` draws a sixteen-bit mask: in training, on the CPU, with 0 < p < 1."""
+        return self.training and x.device.type == "cpu" and 0 < self.threshold < SIXTEEN_BITS
+
+    def zeroed(self, x: torch.Tensor) -> torch.Tensor:
+        """x with this forward's mask applied but the kept elements not scaled: for a caller that multiplies by
+        `scale` further on, where it costs less (fused_lora does it at the LoRA rank). Needs draws_mask(x)."""
+        return self.masked(x, scaled=False)
+
+    def masked(self, x: torch.Tensor, scaled: bool) -> torch.Tensor:
+        if self.shared is not None:
+            return self.shared.output_for(x, self, scaled)
+        return self.dropped(x, scaled)
+
+    def dropped(self, x: torch.Tensor, scaled: bool = True) -> torch.Tensor:
+        """x with a fresh mask applied (and the kept elements scaled, if `scaled`)."""
+        kept = self.kept(x.shape)
+        return torch.where(kept, x * self.scale, 0) if scaled else torch.where(kept, x, 0)
 
     def kept(self, shape: torch.Size) -> torch.Tensor:
         """A boolean mask of `shape`, each element True with probability 1 - drop_probability."""
@@ -66,8 +79,9 @@ class LastMask:
     strongly (one activation, replaced at the next input), so sharing also works under gradient
     checkpointing, which keeps no activations: there the recomputed input is a new tensor, and the replayed
     forward draws its masks in the order the first one did. An input changed in place (a new _version), or
-    met by a dropout of another p, gets a fresh mask. A copy or pickle of the model gets an empty one: the
-    held copy belongs to an autograd graph, which torch cannot deep-copy.
+    met by a dropout of another p or asking for the other of scaled and unscaled, gets a fresh mask. A copy or
+    pickle of the model gets an empty one: the held copy belongs to an autograd graph, which torch cannot
+    deep-copy.
     """
 
     def __init__(self):
@@ -76,10 +90,10 @@ class LastMask:
     def __reduce__(self):
         return LastMask, ()
 
-    def output_for(self, x: torch.Tensor, dropout: SixteenBitDropout) -> torch.Tensor:
-        key = (x._version, dropout.threshold, torch.is_grad_enabled())
+    def output_for(self, x: torch.Tensor, dropout: SixteenBitDropout, scaled: bool = True) -> torch.Tensor:
+        key = (x._version, dropout.threshold, torch.is_grad_enabled(), scaled)
         if self.input is not None and self.input() is x and self.key == key:
             return self.output
-        output = dropout.dropped(x)
+        output = dropout.dropped(x, scaled)
         self.input, self.output, self.key = weakref.ref(x), output, key
         return output

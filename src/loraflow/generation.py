@@ -125,7 +125,8 @@ def validation_loss(model, tokenizer, rows: list[dict], cfg: Config) -> float:
     examples = data.training_examples(rows, tokenizer, cfg)
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX)
     if cfg.model.kind == "causal" and models.takes_logits_to_keep(model):
-        collate = data.head_on_labelled_positions(collate)  # the same loss, without the head on prompt positions
+        # the same loss, without the head on prompt positions
+        collate = data.head_on_labelled_positions(collate, per_token=models.head_on_labelled_tokens(model))
     total, count = 0.0, 0
     for start in range(0, len(examples), cfg.eval.batch_size):
         batch = {k: v.to(model.device) for k, v in collate(examples[start:start + cfg.eval.batch_size]).items()}

@@ -336,7 +336,7 @@ def training_collator(cfg: Config, model, tokenizer):
                  f"{cfg.train.batch_size} blocks a batch, a row attends to the rows before it in its block")
         collate = functools.partial(data.pad_row_blocks, pad_token_id=tokenizer.pad_token_id)
     if cfg.model.kind == "causal" and models.takes_logits_to_keep(model):
-        return data.head_on_labelled_positions(collate)
+        return data.head_on_labelled_positions(collate, per_token=models.head_on_labelled_tokens(model))
     return collate
 
 
