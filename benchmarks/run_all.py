@@ -19,11 +19,12 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 DOCS = BENCH_DIR.parent / "docs" / "benchmarks.md"
-ORDER = ("train", "train-fp32", "memory", "generate", "serving", "serving-fp32", "tune", "coldstart", "coldstart-nf4",
-         "load")
+ORDER = ("train", "train-fp32", "levers", "levers-fp32", "memory", "generate", "serving", "serving-fp32", "tune",
+         "coldstart", "coldstart-nf4", "load")
 VARIANTS = {  # result name: (benchmark, its options)
     "train": ("train", ["--variants", "full_head,no_dropout"]),
     "train-fp32": ("train", ["--dtype", "fp32", "--variants", "full_head"]),
+    "levers-fp32": ("levers", ["--dtype", "fp32"]),
     "serving-fp32": ("serving", ["--dtype", "fp32"]),
     "coldstart-nf4": ("coldstart", ["--quantization", "nf4"]),
 }

@@ -23,8 +23,9 @@ SPECIFIC_KEYS = {
     "tune": {"time_to_target_no_pruning_over_pruning", "wall_no_pruning_over_pruning", "rounds"},
     "load": {"ratio", "counts", "server_rss_mb"},
     "coldstart": {"phases_seconds"},
+    "levers": {"levers", "positions", "dtype"},
 }
-EXTRA_ARGS = {"memory": ["--configs", "nf4"]}
+EXTRA_ARGS = {"memory": ["--configs", "nf4"], "train": ["--variants", "peft_forward,shared_head"]}
 
 
 def bench_module(name: str):
@@ -65,8 +66,16 @@ def test_benchmark_smoke_writes_results(name, tmp_path, monkeypatch, bench_store
     if name == "load":  # answers, not timings: every bad request a 4xx, no good one a 5xx, none lost
         assert record["counts"]["requests"] > 0 and record["counts"]["bad"] > 0
         assert record["counts"]["good_5xx"] == record["counts"]["bad_not_4xx"] == record["counts"]["lost"] == 0
+    if name == "levers":  # each lever computes the same loss; the head levers keep fewer positions
+        assert set(record["levers"]) == {"fused_forward", "per_token_head", "head_trim", "shared_masks", "all"}
+        assert all(record["levers"][lever]["loss_difference_from_as_is"] < 1e-4
+                   for lever in ("fused_forward", "per_token_head", "head_trim"))
+        positions = record["positions"]
+        assert positions["as_is"]["head_positions"] < positions["per_token_head"]["head_positions"] \
+            < positions["head_trim"]["head_positions"] == positions["head_trim"]["positions"]
     if name == "train":
         assert record["loss"]["heldout"]["loraflow"] > 0 and record["loss"]["heldout"]["baseline"] > 0
+        assert set(record["variants"]) == {"peft_forward", "shared_head"}  # each lever left out in an arm of its own
     shutil.copy(tmp_path / f"{name}-smoke.json", table_dir / f"{name}.json")
 
 
