@@ -222,6 +222,8 @@ def test_under_cpu_autocast_lora_inputs_skip_peft_casts_with_the_same_loss_and_g
                                                                     "dtype": "bf16"},
                      "lora": {"r": 2, "dropout": 0.1, "target_modules": "all-linear"}})
     model = models.attach_lora(models.load_model(cfg, str(tiny_llama))[0], cfg).train()
+    for module in model.modules():  # this lever alone: PEFT's forward, which calls the dropout hooks below
+        vars(module).pop("forward", None)
     seen = []
     for module in model.modules():
         for dropout in getattr(module, "lora_dropout", {}).values():

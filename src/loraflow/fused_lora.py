@@ -4,8 +4,9 @@
 
 PEFT computes base(x) + lora_B(lora_A(dropout(x))) * scaling. The scaling multiplies a tokens x out_features
 tensor and dropout's 1 / (1 - p) a tokens x in_features one: each a pass over memory forward and another
-backward, 360 of them in a SmolLM2 training step, about 7% of its time on the CPU. Both are scalars and
-lora_A and lora_B are linear, so here they multiply lora_A's tokens x r output instead:
+backward, hundreds of them in a SmolLM2 training step (in fp32 on an AVX2 CPU, a step takes 1.19x as long
+without this: benchmarks/bench_levers.py). Both are scalars and lora_A and lora_B are linear, so here they
+multiply lora_A's tokens x r output instead:
 lora_B(lora_A(mask * x) * scaling / (1 - p)), the same function up to float rounding, a few hundred times less
 memory traffic. (Over an nf4 base PEFT also clones the base output, against in-place changes of it that
 this sum does not make.) Where a forward is not the plain one-adapter case (adapters disabled or merged, several
