@@ -160,10 +160,7 @@ def report(args, cfg, samples, losses, attention, batches, dtype) -> dict:
         ratio = common.compare(common.column(samples[arm], "step_seconds"), as_is)
         levers[arm] = {**ratio, "loss_after_rounds": losses[arm],
                        "loss_difference_from_as_is": abs(losses[arm] - losses["as_is"])}
-    positions = {name: {"positions": int(batch["input_ids"].numel()),
-                        "head_positions": int(batch["labelled_positions"].sum()) if "labelled_positions" in batch
-                        else len(batch["logits_to_keep"]) * len(batch["input_ids"]) if "logits_to_keep" in batch
-                        else int(batch["input_ids"].numel())}
+    positions = {name: {"positions": int(batch["input_ids"].numel()), "head_positions": common.head_positions(batch)}
                  for name, batch in batches.items()}
     ordered = sorted(levers, key=lambda arm: arm != "all")  # every lever together first: the headline figure
     goals = [common.goal(f"step time without {arm} / as it is >= 1 ({'every lever' if arm == 'all' else 'one lever'} "

@@ -54,10 +54,8 @@ class TokenCounter:
         batch = self.collate(features)
         if self.model.training:
             labels = sum(targets) if targets is not None else int((batch["labels"] != -100).sum())
-            head = int(batch["labelled_positions"].sum()) if "labelled_positions" in batch \
-                else len(batch["logits_to_keep"]) * len(batch["input_ids"]) if "logits_to_keep" in batch \
-                else int(batch["input_ids"].numel())  # positions the LM head computes
-            self.pending.append((labels, int(batch["attention_mask"].sum()), int(batch["input_ids"].numel()), head))
+            self.pending.append((labels, int(batch["attention_mask"].sum()), int(batch["input_ids"].numel()),
+                                 common.head_positions(batch)))
         return batch
 
     def count_trained(self, module, args, kwargs):

@@ -97,6 +97,16 @@ def column(samples: list[dict], key: str) -> list[float]:
     return [float(s[key]) for s in samples]
 
 
+def head_positions(batch: dict) -> int:
+    """Positions at which a loraflow training batch has the LM head computed: its labelled tokens, else every row
+    at its kept positions (logits_to_keep), else every position."""
+    if "labelled_positions" in batch:
+        return int(batch["labelled_positions"].sum())
+    if "logits_to_keep" in batch:
+        return len(batch["logits_to_keep"]) * len(batch["input_ids"])
+    return int(batch["input_ids"].numel())
+
+
 def goal(description: str, value: float, threshold: float, higher_is_better: bool = True) -> dict:
     met = value >= threshold if higher_is_better else value <= threshold
     return {"goal": description, "value": value, "threshold": threshold, "met": bool(met)}

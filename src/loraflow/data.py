@@ -530,11 +530,12 @@ def head_on_labelled_positions(collate, per_token: bool = False):
         keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
         if len(keep) < shifted.shape[1]:
             batch["logits_to_keep"], batch["shift_labels"] = keep, shifted[:, keep].contiguous()
-        kept = batch.get("shift_labels", shifted)
-        labelled = kept != IGNORE_INDEX
-        if per_token and not bool(labelled.all()):
-            batch["logits_to_keep"] = batch.get("logits_to_keep", torch.arange(shifted.shape[1]))
-            batch["labelled_positions"], batch["shift_labels"] = labelled, kept[labelled].unsqueeze(0)
+        if per_token:
+            kept = batch.get("shift_labels", shifted)
+            labelled = kept != IGNORE_INDEX
+            if not bool(labelled.all()):
+                batch["logits_to_keep"] = batch.get("logits_to_keep", torch.arange(shifted.shape[1]))
+                batch["labelled_positions"], batch["shift_labels"] = labelled, kept[labelled].unsqueeze(0)
         return batch
     return collate_kept
 
