@@ -14,6 +14,8 @@ moment of the machine hits both sides of a ratio. The levers, each toggled on th
   tokens alone (models.head_on_labelled_tokens not applied)
 - head_trim: the LM head and loss on every position (no logits_to_keep)
 - shared_masks: one dropout mask per LoRA layer, none shared by layers fed the same input
+- fused_head_loss: transformers' LM head then cross-entropy over the whole fp32 logits tensor, not head_loss's
+  chunks with the gradient made in the forward
 - all: every lever above left out together
 
 After the rounds (LoRA's B starts at zero) each arm's loss is computed once on the same weights with the same
@@ -31,7 +33,7 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-LEVERS = ("fused_forward", "per_token_head", "head_trim", "shared_masks")
+LEVERS = ("fused_forward", "per_token_head", "head_trim", "shared_masks", "fused_head_loss")
 
 
 def parse_args(argv=None):
@@ -65,7 +67,7 @@ def peft_forward(model):
     """PEFT's LoRA forward on every layer while inside (fused_lora's instance forwards taken off, then put back)."""
     from loraflow import fused_lora
 
-    layers = [module for module in model.modules() if "forward" in vars(module)]
+    layers = [module for module in model.modules() if "forward" in vars(module) and hasattr(module, "lora_A")]
     for layer in layers:
         del layer.forward
     try:
@@ -89,6 +91,17 @@ def own_masks(model):
             module.shared = shared
 
 
+@contextlib.contextmanager
+def unfused_head_loss(model):
+    """transformers' head and loss on every forward while inside (head_loss's FusedHead switched off)."""
+    fused = model.get_base_model()._fused_head
+    fused.enabled = False
+    try:
+        yield
+    finally:
+        fused.enabled = True
+
+
 def arm_setting(arm: str, levers: list[str], model, batches: dict):
     """(context manager, batch) of one arm: loraflow as it is, one lever left out, or all of them."""
     off = levers if arm == "all" else [] if arm == "as_is" else [arm]
@@ -97,6 +110,8 @@ def arm_setting(arm: str, levers: list[str], model, batches: dict):
         stack.enter_context(peft_forward(model))
     if "shared_masks" in off:
         stack.enter_context(own_masks(model))
+    if "fused_head_loss" in off:
+        stack.enter_context(unfused_head_loss(model))
     batch = batches["head_trim" if "head_trim" in off else "per_token_head" if "per_token_head" in off else "as_is"]
     return stack, batch
 
@@ -146,9 +161,9 @@ def main(argv=None) -> dict:
         return run
     samples = common.alternate({arm: timed_arm(arm) for arm in arms}, args.pairs, args.warmup)
     losses = {}
-    for arm in arms:  # after the rounds (LoRA's B starts at zero): the same weights and dropout draws for each arm
-        stack, batch = arm_setting(arm, args.levers, model, batches)
-        with stack, torch.no_grad():
+    for arm in arms:  # after the rounds (LoRA's B starts at zero): the same weights and dropout draws for each arm;
+        stack, batch = arm_setting(arm, args.levers, model, batches)  # with gradients on, as head_loss needs
+        with stack:
             losses[arm] = step(batch, seed=0, update=False)
     return report(args, cfg, samples, losses, attention, batches, "bf16" if autocast else "fp32")
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_train.py [--smoke] [--pairs 5] [--steps 3] [--dtype auto|fp32]
                                               [--variants full_head,no_dropout,no_autocast,
                                               torch_dropout,sdpa_attention,peft_input_cast,own_masks,
-                                              peft_forward,shared_head]
+                                              peft_forward,shared_head,unfused_head]
 
 A = loraflow: models.load_model + models.attach_lora with model.dtype=auto (bf16 weights and bf16
 autocast on a CPU with AMX/AVX512-BF16), data.training_examples (completion-only labels) and
@@ -174,16 +174,16 @@ def without_autocast(make_arguments):
 def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast: bool = True,
                  head_trim: bool = True, sixteen_bit_dropout: bool = True, attention_probe: bool = True,
                  skip_input_casts: bool = True, shared_masks: bool = True, fused_forward: bool = True,
-                 per_token_head: bool = True):
+                 per_token_head: bool = True, fused_head_loss: bool = True):
     """One loraflow training run of cfg.train.max_steps steps, through its own code path (with `autocast`,
-    `head_trim`, `sixteen_bit_dropout`, `attention_probe`, `skip_input_casts`, `shared_masks`, `fused_forward` or
-    `per_token_head` off: that lever left out)."""
+    `head_trim`, `sixteen_bit_dropout`, `attention_probe`, `skip_input_casts`, `shared_masks`, `fused_forward`,
+    `per_token_head` or `fused_head_loss` off: that lever left out)."""
     from unittest import mock
 
     import mlflow
     import torch
 
-    from loraflow import fused_lora, models, train
+    from loraflow import fused_lora, head_loss, models, train
 
     def run() -> dict:
         torch.manual_seed(cfg.train.seed)
@@ -192,7 +192,8 @@ def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast
                                if sixteen_bit_dropout else lambda model: 0), \
                 mock.patch.object(models, "skip_input_casts_under_autocast", models.skip_input_casts_under_autocast
                                   if skip_input_casts else lambda model: 0), \
-                mock.patch.object(fused_lora, "install", fused_lora.install if fused_forward else lambda model: 0):
+                mock.patch.object(fused_lora, "install", fused_lora.install if fused_forward else lambda model: 0), \
+                mock.patch.object(head_loss, "install", head_loss.install if fused_head_loss else lambda m, c: False):
             model = models.attach_lora(model, cfg)
         if not shared_masks:
             from loraflow.dropout import SixteenBitDropout
@@ -264,6 +265,8 @@ VARIANTS = {  # loraflow's path with one lever changed, tried with --variants (a
                     "(fused_lora.install not applied)",
     "shared_head": "the LM head on every row at the positions where some row has a label, not only on the labelled "
                    "tokens (models.head_on_labelled_tokens not applied)",
+    "unfused_head": "transformers' LM head then cross-entropy over the whole fp32 logits tensor, not head_loss's "
+                    "chunks with the gradient made in the forward (head_loss.install not applied)",
 }
 
 
@@ -274,7 +277,7 @@ def variant_arm(variant: str, cfg, model_path: str, prepared, kept: dict):
                         head_trim=variant != "full_head", sixteen_bit_dropout=variant != "torch_dropout",
                         attention_probe=variant != "sdpa_attention", skip_input_casts=variant != "peft_input_cast",
                         shared_masks=variant != "own_masks", fused_forward=variant != "peft_forward",
-                        per_token_head=variant != "shared_head")
+                        per_token_head=variant != "shared_head", fused_head_loss=variant != "unfused_head")
 
 
 def baseline_dataset(rows: list[dict], tokenizer, cfg):

@@ -25,7 +25,7 @@ SPECIFIC_KEYS = {
     "coldstart": {"phases_seconds"},
     "levers": {"levers", "positions", "dtype"},
 }
-EXTRA_ARGS = {"memory": ["--configs", "nf4"], "train": ["--variants", "peft_forward,shared_head"]}
+EXTRA_ARGS = {"memory": ["--configs", "nf4"], "train": ["--variants", "peft_forward,shared_head,unfused_head"]}
 
 
 def bench_module(name: str):
@@ -67,15 +67,16 @@ def test_benchmark_smoke_writes_results(name, tmp_path, monkeypatch, bench_store
         assert record["counts"]["requests"] > 0 and record["counts"]["bad"] > 0
         assert record["counts"]["good_5xx"] == record["counts"]["bad_not_4xx"] == record["counts"]["lost"] == 0
     if name == "levers":  # each lever computes the same loss; the head levers keep fewer positions
-        assert set(record["levers"]) == {"fused_forward", "per_token_head", "head_trim", "shared_masks", "all"}
+        assert set(record["levers"]) == {"fused_forward", "per_token_head", "head_trim", "shared_masks",
+                                         "fused_head_loss", "all"}
         assert all(record["levers"][lever]["loss_difference_from_as_is"] < 1e-4
-                   for lever in ("fused_forward", "per_token_head", "head_trim"))
+                   for lever in ("fused_forward", "per_token_head", "head_trim", "fused_head_loss"))
         positions = record["positions"]
         assert positions["as_is"]["head_positions"] < positions["per_token_head"]["head_positions"] \
             < positions["head_trim"]["head_positions"] == positions["head_trim"]["positions"]
     if name == "train":
         assert record["loss"]["heldout"]["loraflow"] > 0 and record["loss"]["heldout"]["baseline"] > 0
-        assert set(record["variants"]) == {"peft_forward", "shared_head"}  # each lever left out in an arm of its own
+        assert set(record["variants"]) == {"peft_forward", "shared_head", "unfused_head"}  # a lever left out in each
     shutil.copy(tmp_path / f"{name}-smoke.json", table_dir / f"{name}.json")
 
 

@@ -325,7 +325,7 @@ def attach_lora(model, cfg: Config):
     """Wrap `model` with trainable LoRA adapters (after k-bit preparation for quantised models)."""
     import peft
 
-    from loraflow import fused_lora
+    from loraflow import fused_lora, head_loss
 
     if cfg.model.quantization != "none":
         model = peft.prepare_model_for_kbit_training(
@@ -340,6 +340,7 @@ def attach_lora(model, cfg: Config):
     use_sixteen_bit_dropout(model)
     skip_input_casts_under_autocast(model)
     fused_lora.install(model)
+    head_loss.install(model, cfg)
     return model
 
 
