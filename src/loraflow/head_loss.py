@@ -71,33 +71,34 @@ class FusedHead:
     """The hooks and loss function that route a model's training forward through ChunkedHeadLoss.
 
     A pre-hook on the causal LM notes whether this forward is a training one with labels and gradients; the
-    head then hands its input through unchanged (after any hook that cut it to the labelled tokens), the
-    model's loss_function computes ChunkedHeadLoss on it, and a forward hook drops the logits field, which
-    held hidden states. Any other forward runs the head and transformers' loss as they are. A module-level
+    head then hands its input through unchanged (after any hook that cut it to the labelled tokens) and says
+    so, the model's loss_function computes ChunkedHeadLoss on it, and a forward hook drops the logits field,
+    which held hidden states. Any other forward runs the head and transformers' loss as they are. A module-level
     class, so a model with it still pickles."""
 
     def __init__(self, head, default_loss):
-        self.head, self.default_loss, self.active = head, default_loss, False
+        self.head, self.default_loss, self.active, self.passed = head, default_loss, False, False
         self.head_forward = type(head).forward
         self.enabled = True  # False: every forward runs the head and transformers' loss (an ablation's switch)
 
     def note_forward(self, module, args, kwargs):
+        self.passed = False
         self.active = self.enabled and module.training and torch.is_grad_enabled() and (
             kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None)
 
     def drop_logits(self, module, args, kwargs, output):
-        if self.active:
-            self.active = False
-            if hasattr(output, "logits"):
-                output.logits = None
+        if self.passed and hasattr(output, "logits"):
+            output.logits = None
+        self.active = self.passed = False
         return output
 
     def forward_head(self, hidden):
+        self.passed = self.active
         return hidden if self.active else self.head_forward(self.head, hidden)
 
     def loss(self, logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
              shift_labels=None, **kwargs):
-        if not self.active:
+        if not self.passed:  # the head made logits (not active, or its forward was replaced since)
             return self.default_loss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
                                      ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
         hidden = logits  # forward_head passed the head's input through
