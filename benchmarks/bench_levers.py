@@ -1,6 +1,7 @@
 """Training-step time with each of loraflow's training levers left out, toggled on one model, step by step.
 
     .venv/bin/python benchmarks/bench_levers.py [--smoke] [--pairs 10] [--dtype auto|fp32] [--levers a,b]
+                                               [--objective sft|cpt]
 
 bench_train.py's arms are whole Trainer runs; on a 2-core machine they differ by up to 25% from round to
 round, too much to resolve a lever worth 5%. Here one loraflow model (models.load_model + attach_lora, as
@@ -18,6 +19,10 @@ moment of the machine hits both sides of a ratio. The levers, each toggled on th
   chunks with the gradient made in the forward
 - all: every lever above left out together
 
+With --objective cpt the batch is blocks of raw text (data/ptbr_text), every position labelled, as in continued
+pretraining: the LM head then computes every position and the head levers have nothing to trim (only
+fused_forward, shared_masks and fused_head_loss are toggled).
+
 After the rounds (LoRA's B starts at zero) each arm's loss is computed once on the same weights with the same
 dropout draws: the levers change only how it is computed, so the losses agree up to float rounding
 (shared_masks draws other masks, so its loss differs by dropout alone).
@@ -34,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 LEVERS = ("fused_forward", "per_token_head", "head_trim", "shared_masks", "fused_head_loss")
+HEAD_TRIM_LEVERS = ("per_token_head", "head_trim")  # they keep the head off unlabelled positions: none in cpt
+CPT_TEXT = common.SAMPLE_DATA / "ptbr_text" / "dom_casmurro.txt"
 
 
 def parse_args(argv=None):
@@ -42,12 +49,28 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", choices=("auto", "fp32"), default="auto",
                         help="loraflow's model.dtype (fp32: as on a CPU without native bf16)")
-    parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated subset of {', '.join(LEVERS)}")
+    parser.add_argument("--levers", default=None, help=f"comma-separated subset of {', '.join(LEVERS)} (default: all "
+                                                      f"that apply to the objective)")
+    parser.add_argument("--objective", choices=("sft", "cpt"), default="sft",
+                        help="sft: prompt + target rows, the head on target tokens; cpt: raw-text blocks, every "
+                             "position labelled")
     args = common.parse(parser, argv)
-    args.levers = [lever.strip() for lever in args.levers.split(",") if lever.strip()]
-    if not args.levers or set(args.levers) - set(LEVERS):
-        parser.error(f"--levers: choose from {', '.join(LEVERS)}")
+    usable = [lever for lever in LEVERS if args.objective == "sft" or lever not in HEAD_TRIM_LEVERS]
+    args.levers = [lever.strip() for lever in (args.levers or ",".join(usable)).split(",") if lever.strip()]
+    if not args.levers or set(args.levers) - set(usable):
+        parser.error(f"--levers: choose from {', '.join(usable)} (--objective {args.objective})")
     return args
+
+
+def levers_config(args, model_path: str):
+    """The benchmark's config: amazon_titles SFT rows, or Dom Casmurro's paragraphs as CPT blocks."""
+    if args.objective == "cpt":
+        return common.bench_config(model_path, model={"dtype": args.dtype},
+                                   data={"path": str(CPT_TEXT), "max_length": args.max_length},
+                                   train={"batch_size": args.batch_size, "objective": "cpt"},
+                                   registry={"gate_metric": "loss"})
+    return common.bench_config(model_path, model={"dtype": args.dtype}, data={"max_length": args.max_length},
+                               train={"batch_size": args.batch_size})
 
 
 def collated_batches(cfg, model, tokenizer, examples) -> dict:
@@ -140,12 +163,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     common.use_temporary_tracking()
     model_path = common.model_for(args.smoke)
-    cfg = common.bench_config(model_path, model={"dtype": args.dtype}, data={"max_length": args.max_length},
-                              train={"batch_size": args.batch_size})
+    cfg = levers_config(args, model_path)
     model, tokenizer = models.load_model(cfg, model_path)
     model = models.attach_lora(model, cfg).train()
     attention = models.faster_cpu_attention(model, cfg)
-    examples = data.training_examples(data.prepare(cfg).splits["train"][:args.batch_size], tokenizer, cfg)
+    rows = data.prepare(cfg).splits["train"]
+    examples = data.training_examples(rows if args.objective == "cpt" else rows[:args.batch_size], tokenizer, cfg)
+    examples = examples[:args.batch_size]
     batches = collated_batches(cfg, model, tokenizer, examples)
     autocast = models.compute_dtype(cfg) == torch.bfloat16
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
@@ -180,17 +204,19 @@ def report(args, cfg, samples, losses, attention, batches, dtype) -> dict:
     ordered = sorted(levers, key=lambda arm: arm != "all")  # every lever together first: the headline figure
     goals = [common.goal(f"step time without {arm} / as it is >= 1 ({'every lever' if arm == 'all' else 'one lever'} "
                          f"left out, {dtype})", levers[arm]["ratio_median"], 1.0) for arm in ordered]
-    summary = [f"one training step ({args.batch_size} x {args.max_length} tokens, {dtype}, {attention} attention) as "
+    summary = [f"one {args.objective} training step ({args.batch_size} x {args.max_length} tokens, {dtype}, {attention} "
+               f"attention) as "
                f"it is: {statistics.median(as_is):.2f} s; the LM head computes "
                f"{positions['as_is']['head_positions']} of {positions['as_is']['positions']} positions"]
     summary += [f"without {arm}: {lever['a_median']:.2f} s = {lever['ratio_median']:.3f}x the step as it is (min-max "
                 f"{lever['ratio_min_max'][0]:.3f}-{lever['ratio_min_max'][1]:.3f}); loss after the rounds "
                 f"{lever['loss_after_rounds']:.5f} vs {losses['as_is']:.5f}" for arm, lever in levers.items()]
-    payload = {"summary": summary, "dtype": dtype, "attention": attention, "levers": levers,
+    payload = {"summary": summary, "dtype": dtype, "objective": args.objective, "attention": attention, "levers": levers,
                "positions": positions, "settings": {"batch_size": args.batch_size, "max_length": args.max_length,
                                                     "lora_r": cfg.lora.r, "lora_dropout": cfg.lora.dropout},
                "goals": goals, "samples": samples}
-    common.write_results("levers" if args.dtype == "auto" else f"levers-{args.dtype}", args, payload)
+    name = "levers" + ("" if args.dtype == "auto" else f"-{args.dtype}") + ("-cpt" if args.objective == "cpt" else "")
+    common.write_results(name, args, payload)
     return payload
 
 

@@ -93,6 +93,21 @@ def test_coldstart_of_qlora_also_times_the_start_that_quantises_again(tmp_path, 
     shutil.copy(tmp_path / "coldstart-nf4-smoke.json", table_dir / "coldstart-nf4.json")
 
 
+def test_levers_of_continued_pretraining_toggle_only_those_that_apply(tmp_path, monkeypatch, bench_store, table_dir):
+    monkeypatch.setenv("LORAFLOW_BENCH_TRACKING_URI", bench_store)
+    levers = bench_module("bench_levers")
+    levers.main(["--smoke", "--results-dir", str(tmp_path), "--objective", "cpt"])
+    record = json.loads((tmp_path / "levers-cpt-smoke.json").read_text())
+    assert record["objective"] == "cpt"
+    assert set(record["levers"]) == {"fused_forward", "shared_masks", "fused_head_loss", "all"}
+    assert record["levers"]["fused_head_loss"]["loss_difference_from_as_is"] < 1e-4
+    as_is = record["positions"]["as_is"]  # every position labelled but each block's last (no next token)
+    assert as_is["head_positions"] == as_is["positions"] - record["settings"]["batch_size"]
+    with pytest.raises(SystemExit):  # nothing for the head-trim levers to trim in blocks of raw text
+        levers.parse_args(["--smoke", "--objective", "cpt", "--levers", "head_trim"])
+    shutil.copy(tmp_path / "levers-cpt-smoke.json", table_dir / "levers-cpt.json")
+
+
 def test_docs_table_lists_every_goal(table_dir):
     run_all = bench_module("run_all")
     written = {p.stem for p in table_dir.glob("*.json")}
