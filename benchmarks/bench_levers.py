@@ -51,6 +51,9 @@ def parse_args(argv=None):
                         help="loraflow's model.dtype (fp32: as on a CPU without native bf16)")
     parser.add_argument("--levers", default=None, help=f"comma-separated subset of {', '.join(LEVERS)} (default: all "
                                                       f"that apply to the objective)")
+    parser.add_argument("--learning-rate", type=float, default=1e-5,
+                        help="AdamW's, on the one batch every step trains (at 1e-3 its loss fell to 0.0005 within the "
+                             "rounds: logits far apart, where exponentials underflow and every softmax slows down)")
     parser.add_argument("--objective", choices=("sft", "cpt"), default="sft",
                         help="sft: prompt + target rows, the head on target tokens; cpt: raw-text blocks, every "
                              "position labelled")
@@ -172,7 +175,7 @@ def main(argv=None) -> dict:
     examples = examples[:args.batch_size]
     batches = collated_batches(cfg, model, tokenizer, examples)
     autocast = models.compute_dtype(cfg) == torch.bfloat16
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     step = make_step(model, optimizer, autocast)
     arms = ["as_is", *args.levers] + (["all"] if len(args.levers) > 1 else [])
 

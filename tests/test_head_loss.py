@@ -129,3 +129,20 @@ def test_a_model_with_it_still_copies_and_pickles(tiny_llama):
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         output, _ = loss_and_gradients(other, BATCH)
         assert output.logits is None and torch.isfinite(output.loss)
+
+
+@pytest.mark.parametrize("spread", [1.0, 300.0])  # 300: logits 100s apart, exponentials far below fp32's normal range
+def test_the_function_alone_equals_cross_entropy_also_where_exponentials_underflow(spread):
+    torch.manual_seed(0)
+    vocabulary = 49152  # SmolLM2's: a floor that changed many small exponentials would show in their sum
+    hidden, weight = torch.randn(70, 16, requires_grad=True), torch.randn(vocabulary, 16) * spread / 16
+    labels = torch.randint(0, vocabulary, (70,))
+    labels[::5] = -100
+    loss = head_loss.ChunkedHeadLoss.apply(hidden, weight, labels, torch.tensor(56.0), torch.float32)
+    loss.backward()
+    gradient, hidden.grad = hidden.grad, None
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, ignore_index=-100, reduction="sum") / 56
+    expected.backward()
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    assert torch.allclose(gradient, hidden.grad, rtol=1e-5, atol=1e-5 * float(hidden.grad.abs().max()))
+    assert float(loss) > (100 if spread > 1 else 0)  # the wide case does have logits far apart
