@@ -29,8 +29,8 @@ VARIANTS = {  # result name: (benchmark, its options)
     "train": ("train", ["--variants", "unfused_head,full_head"]),
     "train-fp32": ("train", ["--dtype", "fp32", "--variants", "unfused_head"]),
     "levers-fp32": ("levers", ["--dtype", "fp32"]),
-    "levers-cpt": ("levers", ["--objective", "cpt"]),
-    "levers-fp32-cpt": ("levers", ["--dtype", "fp32", "--objective", "cpt"]),
+    "levers-cpt": ("levers", ["--objective", "cpt", "--max-length", "512", "--pairs", "5"]),
+    "levers-fp32-cpt": ("levers", ["--dtype", "fp32", "--objective", "cpt", "--max-length", "512", "--pairs", "3"]),
     "serving-fp32": ("serving", ["--dtype", "fp32"]),
     "coldstart-nf4": ("coldstart", ["--quantization", "nf4"]),
 }
