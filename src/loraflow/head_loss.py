@@ -131,16 +131,13 @@ class FusedHead:
 
 def install(model, cfg) -> bool:
     """Route `model`'s training forward through ChunkedHeadLoss where it computes the same loss (see the module
-    docstring); returns whether it did. Sharded training (train.fsdp, train.deepspeed) keeps transformers' way."""
+    docstring); returns whether it does (once installed, again is a no-op)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "_fused_head", None) is not None:
+        return True
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    config = getattr(base, "config", None)
-    if (head is None or type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad
-            or getattr(config, "model_type", None) not in FUSED_MODEL_TYPES
-            or getattr(config, "final_logit_softcapping", None) or getattr(base, "loss_type", None)
-            not in (None, "ForCausalLM") or cfg.train.fsdp or cfg.train.deepspeed
-            or getattr(base, "_fused_head", None) is not None):
-        return getattr(base, "_fused_head", None) is not None
+    if not computes_the_same_loss(base, head, cfg):
+        return False
     fused = FusedHead(head, base.loss_function)
     base.register_forward_pre_hook(fused.note_forward, with_kwargs=True)
     base.register_forward_hook(fused.drop_logits, with_kwargs=True)
@@ -148,3 +145,15 @@ def install(model, cfg) -> bool:
     base.loss_function = fused.loss
     base._fused_head = fused
     return True
+
+
+def computes_the_same_loss(base, head, cfg) -> bool:
+    """Whether ChunkedHeadLoss is `base`'s own training loss: a frozen plain nn.Linear head whose output is the
+    logits (no soft-capping), transformers' causal-LM loss, and no sharded training (train.fsdp, train.deepspeed
+    keep transformers' way)."""
+    config = getattr(base, "config", None)
+    plain_head = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+    logits_are_its_output = getattr(config, "model_type", None) in FUSED_MODEL_TYPES \
+        and not getattr(config, "final_logit_softcapping", None)
+    causal_loss = getattr(base, "loss_type", None) in (None, "ForCausalLM")
+    return plain_head and logits_are_its_output and causal_loss and not (cfg.train.fsdp or cfg.train.deepspeed)
