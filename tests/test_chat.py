@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import mlflow
@@ -219,3 +220,20 @@ def test_the_registered_chat_flavour_answers_an_openai_request_over_http(tiny_ll
     assert_one_line_error(code, err, "has no chat flavour")
     code, _, err = run_cli("serve", project, "--chat", "--model-uri", chat_uri)
     assert_one_line_error(code, err, "--chat needs a registered version")
+
+
+def test_chat_generates_on_the_models_own_thread(served, monkeypatch):
+    """As the TextGenerator: requests from many threads, generation on one."""
+    generating, original = [], generation.generate_from_ids
+
+    def recording(*args, **kwargs):
+        generating.append(threading.current_thread())  # a finished thread's ident is reused
+        return original(*args, **kwargs)
+    monkeypatch.setattr(generation, "generate_from_ids", recording)
+    callers = [threading.Thread(target=ask, args=(served, user(PROMPTS[0])), kwargs={"max_tokens": 2})
+               for _ in range(3)]
+    for caller in callers:
+        caller.start()
+        caller.join(timeout=120)
+    assert len(generating) == 3 and len(set(generating)) == 1
+    assert not set(generating) & set(callers)

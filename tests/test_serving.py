@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -308,11 +309,12 @@ def test_concurrent_greedy_requests_share_one_generate_call_and_keep_their_answe
     pool = ThreadPoolExecutor(max_workers=len(requests))
     assert generator.lock.acquire(timeout=5)  # the model is busy while they all arrive
     try:
-        futures = [pool.submit(generator.predict, None, pd.DataFrame({"prompt": p}), params)
-                   for p, params in requests]
-        deadline = time.monotonic() + 30
-        while len(generator.waiting) < len(requests) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        futures = []
+        for p, params in requests:  # each queued before the next is sent: "oldest" is well defined
+            futures.append(pool.submit(generator.predict, None, pd.DataFrame({"prompt": p}), params))
+            deadline = time.monotonic() + 30
+            while len(generator.waiting) < len(futures) and time.monotonic() < deadline:
+                time.sleep(0.01)
     finally:
         generator.lock.release()
     together = [future.result(timeout=120) for future in futures]
@@ -322,6 +324,34 @@ def test_concurrent_greedy_requests_share_one_generate_call_and_keep_their_answe
     assert sorted(calls, key=len)[-1] == ["Describe: Oak desk", "Describe: Red mug", "Describe: Blue lamp",
                                           "Describe: Tall vase"]  # oldest first
     assert generator.waiting == [] and not generator.lock.locked()
+
+
+def test_every_generation_runs_on_the_models_own_thread(generator, monkeypatch):
+    """Requests arrive on many threads of the server's pool, but the model generates on one (torch's OpenMP would
+    start a team of workers for each calling thread), and a failure there still reaches its request."""
+    generating, callers = [], []  # Thread objects: a finished thread's ident is reused
+    original = generator.generate
+
+    def recording(*args):
+        generating.append(threading.current_thread())
+        return original(*args)
+    monkeypatch.setattr(generator, "generate", recording)
+
+    def ask(prompt: str):
+        callers.append(threading.current_thread())
+        answers.append(generator.predict(None, pd.DataFrame({"prompt": [prompt]}), params={"max_new_tokens": 2}))
+    answers = []
+    for prompt in ["Describe: Oak desk", "Describe: Red mug", "Describe: Blue lamp"]:
+        caller = threading.Thread(target=ask, args=(prompt,))
+        caller.start()
+        caller.join(timeout=120)
+    assert len(answers) == 3 and len(generating) == 3 and len(callers) == 3
+    assert len(set(generating)) == 1 and not set(generating) & set(callers)
+    monkeypatch.setattr(generator, "generate", lambda *args: 1 / 0)
+    with pytest.raises(MlflowException) as caught:
+        generator.predict(None, pd.DataFrame({"prompt": ["Describe: Oak desk"]}), params={"max_new_tokens": 2})
+    assert caught.value.get_http_status_code() == 500 and "ZeroDivisionError" in caught.value.message
+    assert not generator.lock.locked()
 
 
 def test_a_bf16_model_answers_each_request_alone(generator, monkeypatch):

@@ -151,6 +151,7 @@ class ChatGenerator(mlflow.pyfunc.ChatModel):
         self.context_tokens = serving.context_length(self.model, self.tokenizer)
         self.stop_ids = generation.stop_token_ids(self.model, self.tokenizer)
         self.lock = threading.Lock()
+        self.thread = serving.model_thread()
 
     def predict(self, context, messages: list[ChatMessage], params: ChatParams) -> ChatCompletionResponse:
         started = time.monotonic()
@@ -161,7 +162,7 @@ class ChatGenerator(mlflow.pyfunc.ChatModel):
         stop = checked_stop(params.stop)
         return serving.run_in_turn(self.lock, started, budget,
                                    lambda deadline: self.complete(conversation, settings, stop, deadline),
-                                   hint="send a smaller max_tokens")
+                                   hint="send a smaller max_tokens", thread=self.thread)
 
     def complete(self, conversation: list[dict], settings: dict, stop: list[str], deadline: float):
         """The response, under the lock (the tokenizer is not safe across threads)."""
