@@ -197,7 +197,7 @@ def test_a_choice_outside_its_literal_is_one_message(project):
         load_config(str(project), ["model.kind=decoder", "tune.pruner=asha"])
     message = str(caught.value)
     assert "model.kind: 'decoder' is not one of causal, seq2seq" in message
-    assert "tune.pruner: 'asha' is not one of median, hyperband, none" in message
+    assert "tune.pruner: 'asha' is not one of median, successive_halving, hyperband, none" in message
     assert message.count("model.kind") == 1 and message.count("tune.pruner") == 1
     assert type_problem("k", "b", typing.Literal["a", "b"]) is None
     assert type_problem("k", ["a"], typing.Literal["a", "b"]) == "k: ['a'] is not one of a, b"

@@ -80,6 +80,50 @@ def test_a_pruned_trial_is_killed_in_mlflow_and_pruned_in_optuna(tune_project, m
     assert study_run.data.metrics["tune/trials_pruned"] == 1
 
 
+def pruning_decisions(pruner, finished: list[dict], reports: dict) -> list[bool]:
+    """Whether `pruner` stops a new trial at each of its `reports` ({step: loss}), after `finished` trials
+    (each {step: loss}, its last loss its value, asked at each report as tune's trials are) in a fresh
+    in-memory study."""
+    study = optuna.create_study(pruner=pruner)
+    for losses in finished:
+        trial = study.ask()
+        for step, loss in losses.items():
+            trial.report(loss, step)
+            trial.should_prune()
+        study.tell(trial, list(losses.values())[-1])
+    trial, decisions = study.ask(), []
+    for step, loss in reports.items():
+        trial.report(loss, step)
+        decisions.append(trial.should_prune())
+    return decisions
+
+
+@pytest.mark.parametrize("settings, finished, reports, expected", [
+    # the median of the finished trials' losses at a step, once pruner_startup_trials have finished
+    ({"pruner": "median"}, [{1: 1.0}, {1: 1.2}], {1: 1.5}, [True]),
+    ({"pruner": "median"}, [{1: 1.0}, {1: 1.2}], {1: 1.05}, [False]),
+    ({"pruner": "median", "pruner_startup_trials": 3}, [{1: 1.0}, {1: 1.2}], {1: 1.5}, [False]),
+    ({"pruner": "median", "pruner_warmup_steps": 2}, [{1: 1.0, 2: 1.0}, {1: 1.2, 2: 1.2}], {1: 1.5, 2: 1.5},
+     [False, True]),
+    # successive halving: the best third goes on at validations 1, 3, 9; of the first two, only the better
+    ({"pruner": "successive_halving"}, [{1: 1.0}], {1: 1.2}, [True]),
+    ({"pruner": "successive_halving"}, [{1: 1.0}], {1: 0.9, 2: 5.0}, [False, False]),
+    ({"pruner": "successive_halving"}, [{1: 1.0, 3: 0.5}], {1: 0.9, 2: 5.0, 3: 0.6}, [False, False, True]),
+    ({"pruner": "successive_halving"}, [{1: 1.0}, {1: 0.8}, {1: 1.1}, {1: 1.2}, {1: 1.3}], {1: 0.9},
+     [False]),  # second of six: within the best third
+    ({"pruner": "none"}, [{1: 1.0}, {1: 1.2}], {1: 9.0}, [False]),
+])
+def test_each_pruner_setting_stops_the_trials_it_says(tune_project, settings, finished, reports, expected):
+    cfg = load_config(str(tune_project(**settings)))
+    assert pruning_decisions(studies.make_pruner(cfg), finished, reports) == expected
+
+
+def test_successive_halving_counts_its_rungs_in_validations(tune_project):
+    cfg = load_config(str(tune_project(train={"eval_steps": 2}, pruner="successive_halving")))
+    # validations at steps 2, 6, 18: a worse loss at step 1 (no validation yet) goes on, at step 2 it stops
+    assert pruning_decisions(studies.make_pruner(cfg), [{2: 1.0}], {1: 1.5, 2: 1.5}) == [False, True]
+
+
 def test_a_failing_trial_is_recorded_failed_and_the_study_goes_on(tune_project, run_cli, monkeypatch):
     real_run, calls = train.run, []
 

@@ -176,7 +176,9 @@ class TuneConfig:
     dropout_choices: typing.Optional[list] = opt(None, "lora.dropout values to try (null: keep lora.dropout)")
     target_modules_choices: typing.Optional[list] = opt(None, "lora.target_modules values to try (null: keep)")
     layers_choices: typing.Optional[list] = opt(None, 'layers to adapt, e.g. ["all", "last:1"] (null: keep)')
-    pruner: typing.Literal["median", "hyperband", "none"] = opt("median", "how unpromising trials stop early")
+    pruner: typing.Literal["median", "successive_halving", "hyperband", "none"] = opt(
+        "median", "how unpromising trials stop early: median (below the finished trials' median at a step), "
+        "successive_halving (outside the best third at validations 1, 3, 9, ...), hyperband, none")
     sampler_seed: int = opt(0, "seed of the TPE sampler")
     study_name: str = opt("", "Optuna study name (empty: the project's name)")
     storage: str = opt("", "Optuna storage URL or journal file (empty: beside the MLflow store)")

@@ -92,11 +92,14 @@ def seeded_sampler(cfg: Config, trial_number: int):
 
 
 def make_pruner(cfg: Config):
+    """tune.pruner as Optuna's pruner; rungs count training steps, so they start at the first validation."""
     import optuna
 
     if cfg.tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.tune.pruner_startup_trials,
                                            n_warmup_steps=cfg.tune.pruner_warmup_steps)
+    if cfg.tune.pruner == "successive_halving":  # rungs at validations 1, 3, 9, ...; the best third goes on
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, cfg.train.eval_steps), reduction_factor=3)
     if cfg.tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.train.eval_steps),
                                               max_resource=cfg.train.max_steps if cfg.train.max_steps > 0 else "auto")
