@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from loraflow.config import TuneConfig  # noqa: E402
 
-
-DEFAULT_PRUNER = "median"  # loraflow's tune.pruner default (a test checks they agree)
+DEFAULT_PRUNER = TuneConfig().pruner  # loraflow's own tune.pruner default
 SPACES = {"default": {}, "narrow": {"r_choices": [4, 8, 16], "lr_low": 1e-4, "lr_high": 3e-3}}
 
 

@@ -118,9 +118,3 @@ def test_docs_table_lists_every_goal(table_dir):
         record = json.loads((table_dir / f"{name}.json").read_text())
         assert all(goal["goal"] in text for goal in record["goals"])
         assert record["command"] in text
-
-
-def test_the_search_benchmark_names_loraflows_default_pruner():
-    from loraflow.config import TuneConfig
-
-    assert bench_module("bench_tune").DEFAULT_PRUNER == TuneConfig().pruner
