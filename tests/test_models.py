@@ -1,6 +1,9 @@
 """Model resolution, quantisation and LoRA attachment; the real embedded SmolLM2 in marked tests."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import mlflow
 import pytest
 import torch
@@ -151,6 +154,17 @@ def test_compute_dtype_follows_the_config(tiny_llama):
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         cfg = from_dict({"name": "m", "data": {"path": "x"}, "model": {"name": "x", "dtype": name}})
         assert models.compute_dtype(cfg) == dtype
+
+
+def test_a_tokenizer_is_loaded_once_until_its_files_change(tiny_llama, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    first = models.load_tokenizer(str(folder))
+    assert models.load_tokenizer(str(folder)) is first  # a tune trial or a later stage gets the same one
+    settings = folder / "tokenizer_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "model_max_length": 77}))
+    second = models.load_tokenizer(str(folder))
+    assert second is not first and second.model_max_length == 77 and first.model_max_length != 77
 
 
 @pytest.mark.real_model

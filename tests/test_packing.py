@@ -10,7 +10,7 @@ from helpers import runs_of
 
 from loraflow import data, generation
 from loraflow.config import ConfigError, from_dict, load_config
-from loraflow.models import load_tokenizer
+from loraflow.models import load_tokenizer, read_tokenizer
 
 
 def packing_config(model_path, **data_values):
@@ -65,7 +65,7 @@ def test_best_fit_decreasing_puts_each_length_where_it_fits_tightest():
 
 def test_constant_blocks_are_the_whole_text_cut_into_fixed_blocks(tiny_llama):
     cfg = packing_config(tiny_llama, packing="constant", max_length=48)
-    tokenizer = load_tokenizer(str(tiny_llama))
+    tokenizer = read_tokenizer(str(tiny_llama))  # a copy of its own to change: load_tokenizer's is shared
     rows = data.prepare(cfg).splits["train"]
     for eos in ("<|im_end|>", "<unk>"):  # the chat turn's end is eos (no second one added), then it is not
         tokenizer.eos_token = eos

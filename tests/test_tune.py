@@ -4,6 +4,7 @@ anything starts."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -78,6 +79,16 @@ def test_a_pruned_trial_is_killed_in_mlflow_and_pruned_in_optuna(tune_project, m
     assert result.best_trial == 1 and result.counts["PRUNED"] == 1
     [study_run] = runs_of("tune")
     assert study_run.data.metrics["tune/trials_pruned"] == 1
+
+
+def test_trials_skip_the_starting_heap_in_their_garbage_collections(tune_project, monkeypatch):
+    freeze_counts = []  # objects frozen while each trial trains: what the per-trial collections skip
+    train_run = train.run
+    monkeypatch.setattr(train, "run", lambda *args, **kwargs: freeze_counts.append(gc.get_freeze_count())
+                        or train_run(*args, **kwargs))
+    tune.run(load_config(str(tune_project())), n_trials=2)
+    assert len(freeze_counts) == 2 and min(freeze_counts) > 10_000  # torch, transformers, mlflow, ... imported
+    assert gc.get_freeze_count() == 0  # thawed when the study ends
 
 
 def pruning_decisions(pruner, finished: list[dict], reports: dict) -> list[bool]:

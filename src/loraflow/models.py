@@ -164,6 +164,22 @@ def quantization_config(cfg: Config):
 
 
 def load_tokenizer(path: str):
+    """The tokenizer saved in the folder `path`, with a pad token. Shared: the process loads it once while the
+    folder's files stay the same (tune's trials, a pipeline's stages: 0.25 s a load), so callers must not change it."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return read_tokenizer(path)
+    stamp = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in folder.iterdir() if f.is_file()))
+    return shared_tokenizer(str(folder.resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def shared_tokenizer(folder: str, stamp: tuple):
+    """read_tokenizer(folder), kept per (folder, stamp of its files)."""
+    return read_tokenizer(folder)
+
+
+def read_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:

@@ -19,6 +19,8 @@ failed and retried once, LORAFLOW_TUNE_WORKERS).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
@@ -262,6 +264,22 @@ def trials_table(trials: list) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def heap_frozen():
+    """Freeze what the process holds now (imported modules, config, store) until the block ends.
+
+    Optuna collects garbage after each trial and accelerate before each Trainer's loop; each full collection
+    walks every tracked object, which with torch, transformers and MLflow imported took 0.4 s, twice a trial.
+    Frozen objects are skipped, so the collections walk only what the trials made.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 # --- the stage --------------------------------------------------------------------------------
 
 def check_inputs(cfg: Config, n_trials: int, url: str):
@@ -311,11 +329,12 @@ def run(cfg: Config, *, store: tracking.Store | None = None, n_trials: int | Non
         fail_dead_trials(study, optuna_storage)  # a restarted worker first retries what dead ones left RUNNING
         if trials_toward_target(study.get_trials(deepcopy=False)) < n_trials:
             # n_trials bounds this worker's own trials (it never needs more); the callback stops it at the target
-            study.optimize(lambda trial: run_trial(trial, cfg=cfg, store=store, study_run=study_run,
-                                                   num_layers=num_layers),
-                           n_trials=n_trials, timeout=cfg.tune.timeout or None, catch=(Exception,),
-                           callbacks=[target_keeper(optuna_storage, n_trials)], gc_after_trial=True,
-                           show_progress_bar=True)
+            with heap_frozen():
+                study.optimize(lambda trial: run_trial(trial, cfg=cfg, store=store, study_run=study_run,
+                                                       num_layers=num_layers),
+                               n_trials=n_trials, timeout=cfg.tune.timeout or None, catch=(Exception,),
+                               callbacks=[target_keeper(optuna_storage, n_trials)], gc_after_trial=True,
+                               show_progress_bar=True)
         else:
             say(f"study {study_name!r} already holds {n_trials} trials (finished or running): nothing to run")
         trials = study.get_trials()  # one snapshot: other workers may still be adding trials
