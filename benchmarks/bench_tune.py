@@ -12,10 +12,13 @@ learning rate 1e-5..1e-3 on a log scale); --space narrow is the earlier rounds' 
 rate 1e-4..3e-3), where nearly every trial lands close to the best. Target = 1.01 x the lowest validation loss either study of the
 round found; an arm's time to target is from its tune.run call to the completion of its first trial
 at or below the target (its whole wall time, flagged not reached, if none). Ratio = B / A: how many
-times less time pruning needs (goal >= 2). Trials write to a throw-away MLflow store and journal.
+times less time pruning needs (goal >= 2). Each round also gets the most any pruner could have got from
+the unpruned study's trials (pruning_ceiling: a trial that ends as the best so far cannot be stopped by
+what it has shown). Trials write to a throw-away MLflow store and journal.
 """
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 import time
@@ -60,6 +63,38 @@ def time_to_target(sample: dict, target: float) -> tuple[float, bool]:
     hits = [t["done_after_seconds"] for t in sample["trials"]
             if t["state"] == "COMPLETE" and t["value"] is not None and t["value"] <= target]
     return (min(hits), True) if hits else (sample["wall_seconds"], False)
+
+
+def trial_seconds(sample: dict) -> list[tuple[dict, float]]:
+    """(trial, seconds from the previous trial's end to its own) in trial order; the first from the study's start."""
+    done = sorted((t for t in sample["trials"] if t["done_after_seconds"] is not None),
+                  key=lambda t: t["done_after_seconds"])
+    return [(t, t["done_after_seconds"] - (done[i - 1]["done_after_seconds"] if i else 0.0)) for i, t in enumerate(done)]
+
+
+def pruning_ceiling(plain: dict, pruning: dict, target: float) -> dict | None:
+    """How far any pruner could have cut the unpruned study's time to target, the trials it sampled kept.
+
+    A pruner sees a trial only while it runs, so it cannot stop one that ends as the best so far: in the ideal
+    study those run whole and every other trial before the target costs what a stopped trial cost in the pruned
+    study (its median). Ratio = the unpruned time to target / that ideal time. None if the unpruned study never
+    reached the target.
+    """
+    timeline = trial_seconds(plain)
+    stopped = [seconds for trial, seconds in trial_seconds(pruning) if trial["state"] == "PRUNED"]
+    stop_cost = statistics.median(stopped) if stopped else min(seconds for _, seconds in timeline)
+    best, ideal, kept = float("inf"), 0.0, []
+    for trial, seconds in timeline:
+        if trial["state"] == "COMPLETE" and trial["value"] < best:
+            best = trial["value"]
+            ideal += seconds
+            kept.append(trial["number"])
+        else:
+            ideal += stop_cost
+        if trial["state"] == "COMPLETE" and trial["value"] <= target:
+            return {"ratio": trial["done_after_seconds"] / ideal, "ideal_seconds": ideal,
+                    "stopped_trial_seconds": stop_cost, "run_whole": kept, "target_trial": trial["number"]}
+    return None
 
 
 def parse_args(argv=None):
@@ -110,7 +145,8 @@ def report(args, model_path, samples, tune_settings, train_settings) -> dict:
         target = 1.01 * min(pruning["best_value"], plain["best_value"])
         (a, a_hit), (b, b_hit) = time_to_target(pruning, target), time_to_target(plain, target)
         rounds.append({"target": target, "pruning_seconds": a, "pruning_reached": a_hit,
-                       "no_pruning_seconds": b, "no_pruning_reached": b_hit})
+                       "no_pruning_seconds": b, "no_pruning_reached": b_hit,
+                       "pruning_ceiling": pruning_ceiling(plain, pruning, target)})
     to_target = common.compare(common.column(rounds, "no_pruning_seconds"), common.column(rounds, "pruning_seconds"))
     wall = common.compare(common.column(samples["no_pruning"], "wall_seconds"),
                           common.column(samples["pruning"], "wall_seconds"))
@@ -122,7 +158,9 @@ def report(args, model_path, samples, tune_settings, train_settings) -> dict:
                f"(min-max {to_target['ratio_min_max'][0]:.2f}-{to_target['ratio_min_max'][1]:.2f}); whole study "
                f"{wall['a_median']:.0f} s vs {wall['b_median']:.0f} s = {wall['ratio_median']:.2f}x; pruned trials "
                f"{[s['pruned'] for s in samples['pruning']]}; target reached by pruning in "
-               f"{sum(r['pruning_reached'] for r in rounds)} of {len(rounds)} rounds"]
+               f"{sum(r['pruning_reached'] for r in rounds)} of {len(rounds)} rounds; the most any pruner could have "
+               f"got, each trial that ends best so far run whole: "
+               + ", ".join(f"{r['pruning_ceiling']['ratio']:.2f}x" if r["pruning_ceiling"] else "-" for r in rounds)]
     payload = {"summary": summary, "model": model_path, "data": common.data_source()[0],
                "settings": {"trials": args.trials, "train": train_settings, "tune": tune_settings},
                "time_to_target_no_pruning_over_pruning": to_target, "wall_no_pruning_over_pruning": wall,

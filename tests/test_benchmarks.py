@@ -118,3 +118,23 @@ def test_docs_table_lists_every_goal(table_dir):
         record = json.loads((table_dir / f"{name}.json").read_text())
         assert all(goal["goal"] in text for goal in record["goals"])
         assert record["command"] in text
+
+
+def test_the_pruning_ceiling_runs_whole_only_the_trials_that_end_best_so_far():
+    bench_tune = bench_module("bench_tune")
+
+    def study(*trials):  # (state, value, seconds the trial took)
+        done, timeline = 0.0, []
+        for number, (state, value, seconds) in enumerate(trials):
+            done += seconds
+            timeline.append({"number": number, "state": state, "value": value, "done_after_seconds": done})
+        return {"trials": timeline}
+
+    plain = study(("COMPLETE", 3.3, 10), ("COMPLETE", 3.4, 10), ("COMPLETE", 3.2, 10), ("COMPLETE", 3.35, 10),
+                  ("COMPLETE", 3.1, 10), ("COMPLETE", 3.0, 10))
+    pruning = study(("COMPLETE", 3.3, 10), ("PRUNED", 3.4, 2), ("PRUNED", 3.5, 3), ("PRUNED", 3.6, 1))
+    ceiling = bench_tune.pruning_ceiling(plain, pruning, target=3.13)
+    # trials 0, 2 and 4 set a new best and run whole (30 s); 1 and 3 cost the median stopped trial (2 s each)
+    assert ceiling == {"ratio": 50 / 34, "ideal_seconds": 34, "stopped_trial_seconds": 2, "run_whole": [0, 2, 4],
+                       "target_trial": 4}
+    assert bench_tune.pruning_ceiling(plain, pruning, target=2.9) is None  # the unpruned study never got there
