@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,6 +90,15 @@ def test_trials_skip_the_starting_heap_in_their_garbage_collections(tune_project
     tune.run(load_config(str(tune_project())), n_trials=2)
     assert len(freeze_counts) == 2 and min(freeze_counts) > 10_000  # torch, transformers, mlflow, ... imported
     assert gc.get_freeze_count() == 0  # thawed when the study ends
+
+
+def test_trials_leave_no_copy_of_their_adapter_in_the_temp_dir(tune_project, tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    tune.run(load_config(str(tune_project())), n_trials=2)
+    assert not list(scratch.glob("loraflow-adapter-*"))  # each adapter is in its trial's run, and only there
+    assert len(mlflow.MlflowClient().list_artifacts(trial_run(1).info.run_id, "adapter")) > 1
 
 
 def pruning_decisions(pruner, finished: list[dict], reports: dict) -> list[bool]:
