@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ def one_start(project: Path, steps: int, **env: str) -> dict:
     """Start `loraflow train` in a new process with its own store (and `env`); its phase times from its run."""
     import mlflow
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-coldstart-"))
+    folder = common.scratch_dir("bench-coldstart-")
     uri = f"sqlite:///{folder}/mlflow.db"
     environment = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", **env}
     started = time.time()
@@ -81,8 +80,8 @@ def main(argv=None) -> dict:
     cfg = common.bench_config(model_path, model={"quantization": args.quantization},
                               train={"max_steps": args.steps, "logging_steps": 1, "eval_rows": 4,
                                      "batch_size": 4 if args.smoke else 8})
-    project = write_project(cfg, Path(tempfile.mkdtemp(prefix="bench-coldstart-project-")))
-    kept = tempfile.mkdtemp(prefix="bench-coldstart-quantized-")
+    project = write_project(cfg, common.scratch_dir("bench-coldstart-project-"))
+    kept = str(common.scratch_dir("bench-coldstart-quantized-"))
     arms = {"train": lambda: one_start(project, args.steps, LORAFLOW_QUANTIZED_CACHE=kept)}
     if args.quantization != "none":
         arms["quantising"] = lambda: one_start(project, args.steps, LORAFLOW_QUANTIZED_CACHE="")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -120,7 +119,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     common.use_temporary_tracking()
     model_path = common.model_for(args.smoke)
-    storage = str(Path(tempfile.mkdtemp(prefix="bench-optuna-")) / "journal.log")
+    storage = str(common.scratch_dir("bench-optuna-") / "journal.log")
     tune_settings = {"n_trials": args.trials, "sampler_seed": 0, "pruner_startup_trials": 1 if args.smoke else 2,
                      "sampler_startup_trials": 1 if args.smoke else 3, **SPACES[args.space]}
     train_settings = {"max_steps": args.steps, "eval_steps": args.eval_every, "save_steps": 10_000,

@@ -13,10 +13,12 @@ for --smoke runs), with the machine, its load and the package versions.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -181,11 +183,19 @@ def bench_config(model_name: str, **sections):
            "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
            "train": {"learning_rate": 1e-3, "batch_size": 8, "warmup_ratio": 0.0, "logging_steps": 1,
                      "eval_steps": 10_000, "save_steps": 10_000, "eval_rows": 32,
-                     "output_dir": tempfile.mkdtemp(prefix="loraflow-bench-")},
+                     "output_dir": str(scratch_dir("loraflow-bench-"))},
            "eval": {"num_samples": 16, "max_new_tokens": 32}}
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return from_dict(raw, name="bench")
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new temp folder, removed when the benchmark process exits (a tune benchmark's stores and outputs
+    come to gigabytes)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def model_for(smoke: bool) -> str:
@@ -193,7 +203,7 @@ def model_for(smoke: bool) -> str:
     from loraflow import models
 
     if smoke:
-        return str(build_tiny_model(Path(tempfile.mkdtemp(prefix="loraflow-tiny-"))))
+        return str(build_tiny_model(scratch_dir("loraflow-tiny-")))
     return models.resolve_model_path("smollm2-135m-instruct")
 
 
@@ -214,7 +224,7 @@ def use_temporary_tracking() -> str:
 
     uri = os.environ.get("LORAFLOW_BENCH_TRACKING_URI")
     if not uri:
-        folder = Path(tempfile.mkdtemp(prefix="loraflow-bench-mlflow-"))
+        folder = scratch_dir("loraflow-bench-mlflow-")
         uri = os.environ["LORAFLOW_BENCH_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
     os.environ.pop("MLFLOW_RUN_ID", None)
     tracking.connect(uri, "benchmarks")
