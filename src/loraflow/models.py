@@ -169,8 +169,8 @@ def load_tokenizer(path: str):
     folder = Path(path)
     if not folder.is_dir():
         return read_tokenizer(path)
-    stamp = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in folder.iterdir() if f.is_file()))
-    return shared_tokenizer(str(folder.resolve()), stamp)
+    files = sorted((f.name, f.stat()) for f in folder.iterdir() if f.is_file())
+    return shared_tokenizer(str(folder.resolve()), tuple((name, s.st_mtime_ns, s.st_size) for name, s in files))
 
 
 @functools.lru_cache(maxsize=8)
