@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -60,6 +61,24 @@ def test_lora_weights_change_and_base_weights_do_not(tiny_llama, write_project):
                for k, v in result.model.state_dict().items() if "lora_" not in k}
     for key, value in original.items():
         assert torch.equal(trained[key].to(value.dtype), value), key
+
+
+@pytest.mark.parametrize("val_fraction", [0.2, 0.0])  # the best adapter on validation; the last one
+def test_the_logged_adapter_is_kept_in_the_runs_output_folder_and_nothing_in_the_temp_dir(
+        tiny_llama, write_project, tmp_path, monkeypatch, val_fraction):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    result = train.run(load_config(str(write_project(tiny_llama, data={"val_fraction": val_fraction}))))
+    output_dir = Path(mlflow.get_run(result.run_id).data.tags["loraflow.output_dir"])
+    assert result.adapter_dir == output_dir / "adapter"
+    logged = {a.path.removeprefix("adapter/") for a in
+              mlflow.MlflowClient().list_artifacts(result.run_id, "adapter")}
+    assert logged == {p.name for p in result.adapter_dir.iterdir()}
+    assert {"adapter_model.safetensors", "tokenizer_config.json"} <= logged
+    assert not (output_dir / "last_adapter").exists()
+    assert (output_dir / "best_adapter").is_dir() == (val_fraction > 0)
+    assert not list(scratch.iterdir())
 
 
 def trained_label_tokens(project) -> int:

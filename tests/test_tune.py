@@ -97,7 +97,8 @@ def test_trials_leave_no_copy_of_their_adapter_in_the_temp_dir(tune_project, tmp
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     tune.run(load_config(str(tune_project())), n_trials=2)
-    assert not list(scratch.glob("loraflow-adapter-*"))  # each adapter is in its trial's run, and only there
+    assert not list(scratch.iterdir())  # each adapter is in its trial's run and best_adapter folder only
+    assert not list(Path(trial_run(1).data.tags["loraflow.output_dir"]).glob("adapter"))
     assert len(mlflow.MlflowClient().list_artifacts(trial_run(1).info.run_id, "adapter")) > 1
 
 

@@ -19,7 +19,6 @@ import math
 import resource
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ NOT_LOGGED = ("training_args.bin", BEST_MARKER)  # what Trainer.save_model and l
 class TrainResult:
     run_id: str
     eval_loss: float
-    adapter_dir: Path
+    adapter_dir: Path  # the logged adapter with its tokenizer, kept in the run's output folder
     metrics: dict = field(default_factory=dict)
     model: object = None  # the trained PEFT model, for in-process callers
 
@@ -420,20 +419,21 @@ def plot_loss_curve(run_id: str, title: str):
     return figure
 
 
-def adapter_to_log(state: dict) -> Path:
-    """The folder of the adapter the run logs: the best on validation loss, else the last one, saved now (on
-    every rank, like keep_best)."""
+def adapter_to_log(state: dict, output_dir: Path) -> Path:
+    """The folder of the adapter the run logs: the best on validation loss, else the last one, saved now into
+    `output_dir`/last_adapter (on every rank, like keep_best)."""
     if state["eval"]:
         return state["best_dir"]
-    last = Path(tempfile.mkdtemp(prefix="loraflow-last-adapter-"))
+    last = output_dir / "last_adapter"
     state["save_adapter"](str(last))
     return last
 
 
-def log_adapter(cfg: Config, source: Path, tokenizer, run_id: str) -> Path:
-    """Log the adapter in `source` as `adapter/` and as an MLflow logged model of the run, tagged on the run as
+def log_adapter(cfg: Config, source: Path, adapter_dir: Path, tokenizer, run_id: str) -> Path:
+    """Write the adapter in `source` with its tokenizer to `adapter_dir` (kept: `loraflow evaluate --adapter`
+    takes it) and log it as `adapter/` and as an MLflow logged model of the run, tagged on the run as
     loraflow.adapter_model_id."""
-    adapter_dir = Path(tempfile.mkdtemp(prefix="loraflow-adapter-")) / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)  # a resumed run's earlier attempt may have left one
     shutil.copytree(source, adapter_dir, ignore=shutil.ignore_patterns(*NOT_LOGGED))
     tokenizer.save_pretrained(adapter_dir)
     mlflow.log_artifacts(str(adapter_dir), "adapter")
@@ -549,10 +549,13 @@ def train_in_run(cfg: Config, args, ranks: Ranks, stopper: StopOnSignal, run_id:
     if ranks.main:
         state["metrics"].drain()  # values still queued from a busy spell
     metrics = ranks.from_main(final_metrics(cfg, trainer, state, ranks.world_size) if ranks.main else None)
-    adapter_dir = adapter_to_log(state)
+    output_dir = Path(args.output_dir)
+    source = adapter_to_log(state, output_dir)
     if ranks.main:
         mlflow.log_metrics(metrics, step=trainer.state.global_step)
-        adapter_dir = log_adapter(cfg, adapter_dir, tokenizer, run_id)
+        log_adapter(cfg, source, output_dir / "adapter", tokenizer, run_id)
+        if source != state["best_dir"]:
+            shutil.rmtree(source, ignore_errors=True)  # the last adapter: now in adapter/, with its tokenizer
         tracking.log_figure_png(plot_loss_curve(run_id, f"{cfg.name}: loss"), "plots/loss_curve.png")
-    return TrainResult(run_id=run_id, eval_loss=metrics.get("eval/best_loss", float("nan")), adapter_dir=adapter_dir,
+    return TrainResult(run_id=run_id, eval_loss=metrics.get("eval/best_loss", float("nan")), adapter_dir=output_dir / "adapter",
                        metrics=metrics, model=trainer.model if keep_model else None)

@@ -138,8 +138,8 @@ def train_and_score(trial, trial_cfg: Config, store: tracking.Store, run_id: str
     objective = trial_cfg.tune.objective
     result = train.run(trial_cfg, store=store, run_id=run_id,  # the run exists, tagged: train logs into it
                        on_eval=pruning_callback(trial, trial_cfg.tune.direction == "maximize"))
-    # the adapter is in the trial's run; its local copy would leave one more folder in the temp dir each trial
-    shutil.rmtree(result.adapter_dir.parent, ignore_errors=True)
+    # the adapter is in the trial's run, and its best one in the trial's output folder: no third copy per trial
+    shutil.rmtree(result.adapter_dir, ignore_errors=True)
     if objective == EVAL_LOSS:
         if math.isnan(result.eval_loss):
             raise LoraflowError("no validation rows for eval/loss: set data.val_fraction > 0")
