@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import mlflow
 import pytest
@@ -85,7 +86,7 @@ def test_latest_run_by_default_and_a_local_adapter_folder(tiny_llama, write_proj
     assert by_adapter.data.metrics["tuned/rougeL"] == pytest.approx(run.data.metrics["tuned/rougeL"])
 
 
-def test_merged_model_folder_and_registered_model_uri(tiny_llama, write_project, run_cli, tmp_path):
+def test_merged_model_folder_and_registered_model_uri(tiny_llama, write_project, run_cli, tmp_path, monkeypatch):
     project = write_project(tiny_llama, train={"learning_rate": 3e-2})
     cfg = load_config(str(project))
     trained = train.run(cfg)
@@ -99,8 +100,12 @@ def test_merged_model_folder_and_registered_model_uri(tiny_llama, write_project,
     version = client.create_model_version("tiny", f"{logged.info.artifact_uri}/model", run_id=logged.info.run_id,
                                           tags={"loraflow.source_run_id": trained.run_id})
     client.set_registered_model_alias("tiny", "champion", version.version)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     code, _, err = run_cli("evaluate", project, "--model-uri", "models:/tiny@champion")
     assert code == 0, err
+    assert not list(scratch.iterdir())  # the model it downloaded is removed
     [by_uri] = [r for r in runs_of("evaluate") if r.info.run_id != by_folder.run_id]
     assert by_uri.data.tags["loraflow.evaluated_run_id"] == trained.run_id
     assert by_uri.data.metrics["tuned/rougeL"] == pytest.approx(by_folder.summary["tuned/rougeL"])

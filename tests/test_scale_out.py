@@ -202,11 +202,14 @@ def loraflow(*args: str, env: dict | None = None, cwd: Path, netns: str | None =
 def test_quickstart_smoke_pipeline_over_http_then_served_from_the_servers_registry(tmp_path):
     """The smoke pipeline on the real SmolLM2 logs to the server, its artifacts land in the server's
     artifact store through the proxy, the model is registered there, and `loraflow serve` answers from
-    models:/quickstart-smoke@champion fetched from it."""
+    models:/quickstart-smoke@champion fetched from it. Nothing downloaded from the server is left in the
+    temp folder."""
     from loraflow import serving
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     with tracking_server("127.0.0.1", free_port(), free_port()) as server:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": server.url}
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "TMPDIR": str(scratch)}
         done = loraflow("pipeline", SMOKE, "--tracking-uri", server.url, "--set", "eval.bootstrap_samples=50",
                         "--set", "registry.min_improvement=-1000",  # 2 steps: register whatever they make
                         env=env, cwd=tmp_path)
@@ -241,6 +244,8 @@ def test_quickstart_smoke_pipeline_over_http_then_served_from_the_servers_regist
             assert isinstance(answer, str)
         finally:
             serving.stop_server(serve, timeout=60)  # its SIGTERM stops `mlflow models serve` first
+        left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]  # torch's compile cache
+        assert not left  # the register check's and the server's downloads are removed
 
 
 @pytest.mark.slow

@@ -80,11 +80,11 @@ def latest_training_run(cfg: Config, store: tracking.Store) -> str:
     return runs[0].info.run_id
 
 
-def download_model_uri(model_uri: str) -> Path:
-    """The merged Hugging Face folder (the shallowest one with a config.json) inside a logged model."""
+def download_model_uri(model_uri: str, into: Path) -> Path:
+    """Download a logged model into the folder `into`; its merged Hugging Face folder (the shallowest one with
+    a config.json)."""
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
-                                                         dst_path=tempfile.mkdtemp(prefix="loraflow-model-")))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(into)))
     except (mlflow.exceptions.MlflowException, OSError) as exc:
         raise LoraflowError(f"unknown model URI {model_uri!r}: {str(exc).splitlines()[0]}") from None
     folders = sorted((p.parent for p in local.rglob("config.json")), key=lambda p: len(p.parts))
@@ -108,8 +108,10 @@ def model_version_run_id(model_uri: str) -> str | None:
     return version.tags.get(tracking.Tags.SOURCE_RUN_ID) or version.run_id or None
 
 
-def resolve_tuned(cfg: Config, store: tracking.Store, run_id, model_uri, adapter_dir, model_dir) -> TunedModel:
-    """Find (and download) the tuned model; `run_id` may accompany any source to name the run it judges."""
+def resolve_tuned(cfg: Config, store: tracking.Store, run_id, model_uri, adapter_dir, model_dir,
+                  scratch: Path) -> TunedModel:
+    """Find the tuned model, downloading it into `scratch` when it is in the store; `run_id` may accompany any
+    source to name the run it judges."""
     given = [name for name, value in (("--model-uri", model_uri), ("--adapter", adapter_dir),
                                       ("model_dir", model_dir)) if value]
     if len(given) > 1:
@@ -125,10 +127,10 @@ def resolve_tuned(cfg: Config, store: tracking.Store, run_id, model_uri, adapter
             raise LoraflowError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing)")
         return TunedModel(adapter_dir=Path(adapter_dir), train_run_id=run_id, description=f"adapter {adapter_dir}")
     if model_uri:
-        return TunedModel(model_dir=download_model_uri(model_uri), description=model_uri,
+        return TunedModel(model_dir=download_model_uri(model_uri, scratch), description=model_uri,
                           train_run_id=run_id or model_version_run_id(model_uri))
     run_id = run_id or latest_training_run(cfg, store)
-    return TunedModel(adapter_dir=tracking.download_run_artifacts(run_id, "adapter"), train_run_id=run_id,
+    return TunedModel(adapter_dir=tracking.download_run_artifacts(run_id, "adapter", scratch), train_run_id=run_id,
                       description=f"run {run_id}")
 
 
@@ -346,7 +348,15 @@ def run(cfg: Config, *, store: tracking.Store | None = None, run_id: str | None 
     names = metric_names(cfg)
     prepared = prepared or data.prepare(cfg)
     test_rows, val_rows = held_out_rows(cfg, prepared)
-    tuned = resolve_tuned(cfg, store, run_id, model_uri, adapter_dir, model_dir)
+    with tempfile.TemporaryDirectory(prefix="loraflow-evaluate-") as scratch:  # a downloaded model, removed after
+        tuned = resolve_tuned(cfg, store, run_id, model_uri, adapter_dir, model_dir, Path(scratch))
+        return evaluate_tuned(cfg, store, tuned, names, prepared, test_rows, val_rows, base_path, parent_run_id, tags)
+
+
+def evaluate_tuned(cfg: Config, store: tracking.Store, tuned: TunedModel, names: list[str],
+                   prepared: data.PreparedData, test_rows: list[dict], val_rows: list[dict], base_path: str | None,
+                   parent_run_id: str | None, tags: dict | None) -> EvalResult:
+    """Answer and score the held-out rows with the base and `tuned` in the evaluate run, and log the results."""
     if tuned.train_run_id:
         warn_if_inputs_differ(cfg, store, tuned.train_run_id, prepared.digest)
     base_path = base_path or models.resolve_model_path(cfg.model.name, cfg)

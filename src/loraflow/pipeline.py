@@ -304,6 +304,7 @@ def check_serving(cfg: Config, store: tracking.Store, prepared: data.PreparedDat
     finally:
         serving.stop_server(process)
         log.close()
+    Path(log.name).unlink()  # kept only when the check fails, for its message
     return answer
 
 

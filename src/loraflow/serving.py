@@ -49,6 +49,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -563,13 +564,34 @@ def server_env(store: tracking.Store, env: dict | None = None) -> dict:
 def start_server(model_uri: str, store: tracking.Store, host: str = "127.0.0.1", port: int = 5001,
                  env: dict | None = None, *, workers: int = 1, timeout: int | None = None,
                  **popen_options) -> subprocess.Popen:
-    """Start `mlflow models serve` in its own process group (stop it with `stop_server`)."""
-    return subprocess.Popen(serve_command(model_uri, host, port, workers=workers, timeout=timeout),
-                            env=server_env(store, env), start_new_session=True, **popen_options)
+    """Start `mlflow models serve` in its own process group (stop it with `stop_server`).
+
+    MLflow downloads the model into the server's temp folder and never removes it (a whole merged model
+    per start), so the server gets a temp folder of its own, `process.scratch_dir`, which stop_server removes.
+    """
+    scratch = tempfile.mkdtemp(prefix="loraflow-serve-")
+    try:
+        process = subprocess.Popen(serve_command(model_uri, host, port, workers=workers, timeout=timeout),
+                                   env={**server_env(store, env), "TMPDIR": scratch}, start_new_session=True,
+                                   **popen_options)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    process.scratch_dir = scratch
+    return process
 
 
 def stop_server(process: subprocess.Popen, timeout: float = 20) -> None:
-    """Terminate the server's whole process group; kill it if it does not stop within `timeout` s."""
+    """Terminate the server's whole process group (kill it if it does not stop within `timeout` s) and remove
+    its temp folder."""
+    try:
+        end_process_group(process, timeout)
+    finally:
+        shutil.rmtree(getattr(process, "scratch_dir", ""), ignore_errors=True)
+
+
+def end_process_group(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM the process group of `process`, then SIGKILL it if `process` has not ended within `timeout` s."""
     if process.poll() is not None:
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -611,8 +633,9 @@ def predict(cfg: Config, store: tracking.Store, prompts: list[str], *, model_uri
     model_uri = model_uri or default_model_uri(cfg)
     check_model_exists(model_uri, store)
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
-        return [str(a) for a in model.predict(pd.DataFrame({"prompt": prompts}), params=params or {})]
+        with tempfile.TemporaryDirectory(prefix="loraflow-predict-") as scratch:  # MLflow's own would be left behind
+            model = mlflow.pyfunc.load_model(model_uri, dst_path=scratch)
+            return [str(a) for a in model.predict(pd.DataFrame({"prompt": prompts}), params=params or {})]
     except MlflowException as exc:
         raise LoraflowError(f"{model_uri}: {tracking.first_line(exc)}") from None
 
@@ -677,8 +700,7 @@ def run(cfg: Config, store: tracking.Store, *, host: str = "127.0.0.1", port: in
     process = start_server(model_uri, store, host, port, workers=workers, timeout=timeout)
     try:
         code = process.wait()
-    except KeyboardInterrupt:
-        stop_server(process)
-        raise
+    finally:
+        stop_server(process)  # Ctrl+C or SIGTERM: the server too; and its temp folder either way
     if code != 0:
         sys.exit(code)

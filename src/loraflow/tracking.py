@@ -495,12 +495,13 @@ def log_figure_png(figure, artifact_path: str) -> None:
     plt.close(figure)
 
 
-def download_run_artifacts(run_id: str, path: str) -> Path:
-    """Download `path` of a run to a temporary folder; a clear error if the run or artifact is missing."""
+def download_run_artifacts(run_id: str, path: str, into: Path | None = None) -> Path:
+    """Download `path` of a run into the folder `into` (default: a new temporary folder, the caller's to
+    remove); a clear error if the run or artifact is missing."""
     get_run(run_id)
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
-                                                        dst_path=tempfile.mkdtemp(prefix="loraflow-")))
+                                                        dst_path=str(into or tempfile.mkdtemp(prefix="loraflow-"))))
     except (mlflow.exceptions.MlflowException, OSError):
         raise LoraflowError(f"run {run_id} has no '{path}' artifact") from None
 
