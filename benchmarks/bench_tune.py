@@ -166,9 +166,10 @@ def report(args, model_path, samples, tune_settings, train_settings) -> dict:
                "rounds": rounds, "best_value": {name: [s["best_value"] for s in arm] for name, arm in samples.items()},
                "pruned_trials": {name: [s["pruned"] for s in arm] for name, arm in samples.items()},
                "goals": goals, "samples": samples}
-    # loraflow's default pruner is "tune"; another one is "tune-<pruner>", so the default's figures are kept
-    common.write_results("tune" if args.pruner == DEFAULT_PRUNER else f"tune-{args.pruner.replace('_', '-')}", args,
-                         payload)
+    # loraflow's default pruner at 16 trials is "tune"; another pruner or budget adds "-<pruner>", "-<n>-trials"
+    name = "tune" + ("" if args.pruner == DEFAULT_PRUNER else f"-{args.pruner.replace('_', '-')}") + (
+        "" if args.trials == 16 or args.smoke else f"-{args.trials}-trials")
+    common.write_results(name, args, payload)
     return payload
 
 
