@@ -557,5 +557,5 @@ def train_in_run(cfg: Config, args, ranks: Ranks, stopper: StopOnSignal, run_id:
         if source != state["best_dir"]:
             shutil.rmtree(source, ignore_errors=True)  # the last adapter: now in adapter/, with its tokenizer
         tracking.log_figure_png(plot_loss_curve(run_id, f"{cfg.name}: loss"), "plots/loss_curve.png")
-    return TrainResult(run_id=run_id, eval_loss=metrics.get("eval/best_loss", float("nan")), adapter_dir=output_dir / "adapter",
-                       metrics=metrics, model=trainer.model if keep_model else None)
+    return TrainResult(run_id=run_id, eval_loss=metrics.get("eval/best_loss", float("nan")),
+                       adapter_dir=output_dir / "adapter", metrics=metrics, model=trainer.model if keep_model else None)
