@@ -249,6 +249,11 @@ def count_trained_tokens(model, cfg: Config, state: dict):
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def run_output_dir(cfg: Config, run_id: str) -> Path:
+    """Where a run keeps its checkpoints and adapters: <train.output_dir>/<name>/<run id>."""
+    return Path(cfg.train.output_dir).resolve() / cfg.name / run_id
+
+
 def training_arguments(cfg: Config, output_dir: Path, bf16: bool):
     """The Trainer's arguments; under torchrun, reading their .device starts the process group (gloo on CPU,
     nccl on GPU: ddp_backend None lets accelerate choose by device). Mixed precision: bf16 autocast when `bf16`,
@@ -505,7 +510,7 @@ def run(cfg: Config, *, store: tracking.Store | None = None, resume: bool = Fals
                                 system_metrics=True) if ranks.main else contextlib.nullcontext()
     with opened as active, StopOnSignal() as stopper:
         run_id, checkpoint = ranks.from_main((active.info.run_id, checkpoint) if ranks.main else None)
-        args.output_dir = str(Path(args.output_dir) / run_id)  # known only now; the Trainer reads it when saving
+        args.output_dir = str(run_output_dir(cfg, run_id))  # known only now; the Trainer reads it when saving
         if ranks.main:
             mlflow.set_tags({Tags.OUTPUT_DIR: args.output_dir, Tags.BASE_MODEL_PATH: base_path})
             if not resume:

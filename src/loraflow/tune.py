@@ -138,8 +138,6 @@ def train_and_score(trial, trial_cfg: Config, store: tracking.Store, run_id: str
     objective = trial_cfg.tune.objective
     result = train.run(trial_cfg, store=store, run_id=run_id,  # the run exists, tagged: train logs into it
                        on_eval=pruning_callback(trial, trial_cfg.tune.direction == "maximize"))
-    # the adapter is in the trial's run, and its best one in the trial's output folder: no third copy per trial
-    shutil.rmtree(result.adapter_dir, ignore_errors=True)
     if objective == EVAL_LOSS:
         if math.isnan(result.eval_loss):
             raise LoraflowError("no validation rows for eval/loss: set data.val_fraction > 0")
@@ -153,6 +151,17 @@ def train_and_score(trial, trial_cfg: Config, store: tracking.Store, run_id: str
     if not objective.startswith("delta/"):  # evaluate copies the deltas onto the training run itself
         store.client().log_metric(run_id, objective, summary[objective])
     return float(summary[objective])
+
+
+@contextlib.contextmanager
+def trial_folder_removed(trial_cfg: Config, run_id: str):
+    """Remove the trial's output folder (checkpoints, best adapter) when it ends, however it ends: its run holds
+    the adapter, and a trial run again starts afresh. Each would otherwise stay: two checkpoints with their
+    optimizer state and the best adapter for every trial of every study."""
+    try:
+        yield
+    finally:
+        shutil.rmtree(train.run_output_dir(trial_cfg, run_id), ignore_errors=True)
 
 
 def run_trial(trial, *, cfg: Config, store: tracking.Store, study_run, num_layers: int | None) -> float:
@@ -169,7 +178,7 @@ def run_trial(trial, *, cfg: Config, store: tracking.Store, study_run, num_layer
     trial.set_user_attr("config", values)
     client = store.client()
     try:
-        with tracking.Heartbeat(run_id):  # the whole trial, evaluation included: alive to other hosts
+        with tracking.Heartbeat(run_id), trial_folder_removed(trial_cfg, run_id):
             value = train_and_score(trial, trial_cfg, store, run_id,
                                     trial_tags(trial.study.study_name, study_run.info.run_id, trial.number))
     except optuna.TrialPruned as exc:
