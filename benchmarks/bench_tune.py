@@ -1,7 +1,8 @@
 """Search: wall time for `tune` to come within 1% of the best validation loss, pruning vs no pruning.
 
     .venv/bin/python benchmarks/bench_tune.py [--smoke] [--pairs 3] [--trials 16] [--steps 10] [--eval-every 1]
-                                              [--pruner median|successive_halving|hyperband] [--space default|narrow]
+                                              [--pruner median|successive_halving|hyperband] [--reduction-factor 3]
+                                              [--space default|narrow]
 
 After an unmeasured one-trial study (--warmup; the first training in a process pays seconds to
 minutes of one-off costs), each round runs two fresh studies through loraflow's own tune.run, one
@@ -103,11 +104,15 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=None, help="train.eval_steps (default 1)")
     parser.add_argument("--pruner", choices=("median", "successive_halving", "hyperband"),
                         default=DEFAULT_PRUNER, help=f"tune.pruner of arm A (default {DEFAULT_PRUNER}: loraflow's)")
+    parser.add_argument("--reduction-factor", type=int, default=None,
+                        help="tune.pruner_reduction_factor of successive halving (default loraflow's, 3)")
     parser.add_argument("--batch-size", type=int, default=None, help="train.batch_size (default 2)")
     parser.add_argument("--eval-rows", type=int, default=8, help="validation rows of each report to the pruner")
     parser.add_argument("--space", choices=tuple(SPACES), default="default",
                         help="search space: loraflow's default tune.* or the narrower one of earlier rounds")
     args = common.parse(parser, argv)
+    if args.reduction_factor and args.pruner != "successive_halving":
+        parser.error("--reduction-factor is successive halving's: give --pruner successive_halving")
     args.trials = args.trials or (2 if args.smoke else 16)
     args.steps = args.steps or (2 if args.smoke else 10)
     args.batch_size = args.batch_size or 2
@@ -124,10 +129,12 @@ def main(argv=None) -> dict:
                      "sampler_startup_trials": 1 if args.smoke else 3, **SPACES[args.space]}
     train_settings = {"max_steps": args.steps, "eval_steps": args.eval_every, "save_steps": 10_000,
                       "eval_rows": args.eval_rows, "batch_size": args.batch_size}
-    configs = {name: common.bench_config(model_path, train=train_settings, tune={**tune_settings, "pruner": pruner})
-               for name, pruner in (("pruning", args.pruner), ("no_pruning", "none"))}
+    factor = {"pruner_reduction_factor": args.reduction_factor} if args.reduction_factor else {}
+    configs = {name: common.bench_config(model_path, train=train_settings,
+                                         tune={**tune_settings, "pruner": pruner, **(factor if pruning else {})})
+               for name, pruner, pruning in (("pruning", args.pruner, True), ("no_pruning", "none", False))}
     searched = configs["pruning"].tune  # the space as the studies resolve it, for the record
-    tune_settings.update(pruner=args.pruner, space=args.space, r_choices=searched.r_choices,
+    tune_settings.update(pruner=args.pruner, **factor, space=args.space, r_choices=searched.r_choices,
                          alpha_multipliers=searched.alpha_multipliers, lr_low=searched.lr_low, lr_high=searched.lr_high)
     counter = [0]
     for _ in range(args.warmup):  # a one-trial study pays the first-use costs (kernels, file cache) unmeasured
@@ -149,9 +156,10 @@ def report(args, model_path, samples, tune_settings, train_settings) -> dict:
     to_target = common.compare(common.column(rounds, "no_pruning_seconds"), common.column(rounds, "pruning_seconds"))
     wall = common.compare(common.column(samples["no_pruning"], "wall_seconds"),
                           common.column(samples["pruning"], "wall_seconds"))
-    goals = [common.goal(f"time to within 1% of best: no pruning / {args.pruner} pruning >= 2",
+    pruner = args.pruner + (f" (reduction factor {args.reduction_factor})" if args.reduction_factor else "")
+    goals = [common.goal(f"time to within 1% of best: no pruning / {pruner} pruning >= 2",
                          to_target["ratio_median"], 2.0)]
-    summary = [f"{args.trials} trials x {args.steps} steps, {args.pruner} pruner, {args.space} search space, sampler seeds "
+    summary = [f"{args.trials} trials x {args.steps} steps, {pruner} pruner, {args.space} search space, sampler seeds "
                f"{[s['sampler_seed'] for s in samples['pruning']]}: time to within 1% of the best: no pruning "
                f"{to_target['a_median']:.0f} s vs pruning {to_target['b_median']:.0f} s = {to_target['ratio_median']:.2f}x "
                f"(min-max {to_target['ratio_min_max'][0]:.2f}-{to_target['ratio_min_max'][1]:.2f}); whole study "
@@ -168,6 +176,7 @@ def report(args, model_path, samples, tune_settings, train_settings) -> dict:
                "goals": goals, "samples": samples}
     # loraflow's default pruner at 16 trials is "tune"; another pruner or budget adds "-<pruner>", "-<n>-trials"
     name = "tune" + ("" if args.pruner == DEFAULT_PRUNER else f"-{args.pruner.replace('_', '-')}") + (
+        f"-factor-{args.reduction_factor}" if args.reduction_factor else "") + (
         "" if args.trials == 16 or args.smoke else f"-{args.trials}-trials")
     common.write_results(name, args, payload)
     return payload

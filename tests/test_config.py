@@ -264,6 +264,7 @@ def test_a_field_and_its_template_both_overridden_are_refused(project):
     (["train.objective=cpt", "registry.gate_metric=loss", "data.packing=rows"], "data.packing set, but has no effect"),
     (["data.path=rows.jsonl", "data.builtin_rows=10"], "data.builtin_rows set, but has no effect"),
     (["tune.pruner=hyperband", "tune.pruner_warmup_steps=5"], "tune.pruner_warmup_steps set, but has no effect"),
+    (["tune.pruner=median", "tune.pruner_reduction_factor=4"], "tune.pruner_reduction_factor set, but has no effect"),
 ])
 def test_an_override_that_would_be_ignored_is_refused(project, overrides, expected):
     with pytest.raises(ConfigError) as caught:

@@ -92,13 +92,17 @@ def test_trials_skip_the_starting_heap_in_their_garbage_collections(tune_project
     assert gc.get_freeze_count() == 0  # thawed when the study ends
 
 
-def test_trials_leave_no_copy_of_their_adapter_in_the_temp_dir(tune_project, tmp_path, monkeypatch):
+def test_trials_leave_their_adapters_in_their_runs_and_nothing_on_disk(tune_project, tmp_path, monkeypatch):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    tune.run(load_config(str(tune_project())), n_trials=2)
-    assert not list(scratch.iterdir())  # each adapter is in its trial's run and best_adapter folder only
-    assert not list(Path(trial_run(1).data.tags["loraflow.output_dir"]).glob("adapter"))
+    project = tune_project(train={"save_steps": 1})  # a checkpoint at every step
+    tune.run(load_config(str(project)), n_trials=2)
+    assert not list(scratch.iterdir())
+    for number in (0, 1):
+        run = trial_run(number)
+        assert not Path(run.data.tags["loraflow.output_dir"]).exists()  # no checkpoints, no best adapter
+        assert len(mlflow.MlflowClient().list_artifacts(run.info.run_id, "adapter")) > 1
     assert len(mlflow.MlflowClient().list_artifacts(trial_run(1).info.run_id, "adapter")) > 1
 
 
@@ -133,6 +137,10 @@ def pruning_decisions(pruner, finished: list[dict], reports: dict) -> list[bool]
     ({"pruner": "successive_halving"}, [{1: 1.0, 3: 0.5}], {1: 0.9, 2: 5.0, 3: 0.6}, [False, False, True]),
     ({"pruner": "successive_halving"}, [{1: 1.0}, {1: 0.8}, {1: 1.1}, {1: 1.2}, {1: 1.3}], {1: 0.9},
      [False]),  # second of six: within the best third
+    ({"pruner": "successive_halving", "pruner_reduction_factor": 4}, [{1: 1.0}, {1: 0.8}, {1: 1.1}, {1: 1.2},
+                                                                      {1: 1.3}], {1: 0.9}, [True]),  # not the best
+    ({"pruner": "successive_halving", "pruner_reduction_factor": 2}, [{1: 1.0, 2: 0.5}], {1: 0.9, 2: 0.6},
+     [False, True]),  # rungs at validations 1 and 2
     ({"pruner": "none"}, [{1: 1.0}, {1: 1.2}], {1: 9.0}, [False]),
 ])
 def test_each_pruner_setting_stops_the_trials_it_says(tune_project, settings, finished, reports, expected):
@@ -249,6 +257,8 @@ def test_two_worker_processes_share_one_study(tune_project):
     (["--set", "tune.lr_low=0.1", "--set", "tune.lr_high=0.01"], ["need 0 < lr_low <= lr_high"]),
     (["--set", "tune.r_choices=[]", "--set", "tune.lr_low=0"], ["tune.r_choices", "0 < lr_low"]),
     (["--set", "tune.objective=tuned/bleu"], ["tune.objective"]),
+    (["--set", "tune.pruner=successive_halving", "--set", "tune.pruner_reduction_factor=1"],
+     ["tune.pruner_reduction_factor: must be >= 2, got 1"]),
     (["--set", "tune.layers_choices=[last:3]"], ["last:3 but the model has 2 layers"]),
     (["--storage", "postgresql://nobody@127.0.0.1:1/none"], ["Optuna storage postgresql://nobody@127.0.0.1:1/none"]),
     (["--storage", "sqlite:////no/such/folder/optuna.db"], ["cannot open Optuna storage sqlite:////no/such/folder"]),

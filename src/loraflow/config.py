@@ -178,13 +178,16 @@ class TuneConfig:
     layers_choices: typing.Optional[list] = opt(None, 'layers to adapt, e.g. ["all", "last:1"] (null: keep)')
     pruner: typing.Literal["median", "successive_halving", "hyperband", "none"] = opt(
         "median", "how unpromising trials stop early: median (below the finished trials' median at a step), "
-        "successive_halving (outside the best third at validations 1, 3, 9, ...), hyperband, none")
+        "successive_halving (outside the best 1/pruner_reduction_factor at validations 1, 3, 9, ...), hyperband, "
+        "none")
     sampler_seed: int = opt(0, "seed of the TPE sampler")
     study_name: str = opt("", "Optuna study name (empty: the project's name)")
     storage: str = opt("", "Optuna storage URL or journal file (empty: beside the MLflow store)")
     sampler_startup_trials: int = opt(4, "random trials before TPE models the results")
     pruner_startup_trials: int = opt(2, "trials that must finish before the median pruner prunes")
     pruner_warmup_steps: int = opt(0, "training steps before a trial may be pruned (median pruner)")
+    pruner_reduction_factor: int = opt(3, "successive_halving: the best 1/N of the trials at a rung go on; rungs "
+                                          "at validations 1, N, N^2, ...")
 
 
 @dataclass
@@ -663,7 +666,9 @@ def override_problems(cfg: Config, overrides: dict) -> list[str]:
                "data.packing": (cpt, "train.objective=cpt always cuts the text into blocks"),
                "data.builtin_rows": (not cfg.data.path.startswith("builtin:"), "data.path is a file"),
                "tune.pruner_startup_trials": (cfg.tune.pruner != "median", "only tune.pruner=median uses it"),
-               "tune.pruner_warmup_steps": (cfg.tune.pruner != "median", "only tune.pruner=median uses it")}
+               "tune.pruner_warmup_steps": (cfg.tune.pruner != "median", "only tune.pruner=median uses it"),
+               "tune.pruner_reduction_factor": (cfg.tune.pruner != "successive_halving",
+                                                "only tune.pruner=successive_halving uses it")}
     ignored |= {f"data.{key}": (cpt, "train.objective=cpt reads data.text_field only")
                 for key in ("prompt_field", "target_field", "prompt_template", "target_template")}
     problems = [f"{key} set, but has no effect: {why}" for key, (unused, why) in ignored.items()
@@ -698,7 +703,7 @@ def tune_problems(cfg: Config) -> list[str]:
         problems.append(f"tune.layers_choices: expected a non-empty list of 'all' or 'last:N', "
                         f"got {tune.layers_choices!r}")
     minimums = {"n_trials": 1, "timeout": 0, "sampler_startup_trials": 0, "pruner_startup_trials": 0,
-                "pruner_warmup_steps": 0}
+                "pruner_warmup_steps": 0, "pruner_reduction_factor": 2}
     problems += [f"tune.{key}: must be >= {low}, got {getattr(tune, key)}"
                  for key, low in minimums.items() if getattr(tune, key) < low]
     return problems + tune_objective_problems(cfg)

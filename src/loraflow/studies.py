@@ -98,8 +98,9 @@ def make_pruner(cfg: Config):
     if cfg.tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.tune.pruner_startup_trials,
                                            n_warmup_steps=cfg.tune.pruner_warmup_steps)
-    if cfg.tune.pruner == "successive_halving":  # rungs at validations 1, 3, 9, ...; the best third goes on
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, cfg.train.eval_steps), reduction_factor=3)
+    if cfg.tune.pruner == "successive_halving":  # rungs at validations 1, N, N^2, ...; the best 1/N goes on
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, cfg.train.eval_steps),
+                                                      reduction_factor=cfg.tune.pruner_reduction_factor)
     if cfg.tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.train.eval_steps),
                                               max_resource=cfg.train.max_steps if cfg.train.max_steps > 0 else "auto")
