@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_tune.py [--smoke] [--pairs 3] [--trials 16] [--steps 10] [--eval-every 1]
                                               [--pruner median|successive_halving|hyperband] [--reduction-factor 3]
                                               [--space default|narrow]
+    .venv/bin/python benchmarks/bench_tune.py --replay benchmarks/results/tune-32-trials.json
 
 After an unmeasured one-trial study (--warmup; the first training in a process pays seconds to
 minutes of one-off costs), each round runs two fresh studies through loraflow's own tune.run, one
@@ -16,9 +17,14 @@ at or below the target (its whole wall time, flagged not reached, if none). Rati
 times less time pruning needs (goal >= 2). Each round also gets the most any pruner could have got from
 the unpruned study's trials (pruning_ceiling: a trial that ends as the best so far cannot be stopped by
 what it has shown). Trials write to a throw-away MLflow store and journal.
+
+Every trial's validation losses are recorded, so `--replay` can put the unpruned studies' trials, in their
+order, through other pruner settings offline: what each would have saved on the same trials (the sampler
+not fed their stopped values), a trial costing the fixed and per-step seconds fitted on the run's trials.
 """
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -50,7 +56,8 @@ def study_arm(cfg, trials: int, storage: str, counter: list, seeds: list | None 
         wall = time.time() - started
         study = studies.load_study(name, storage)
         timeline = [{"number": t.number, "state": t.state.name, "value": t.value,
-                     "done_after_seconds": t.datetime_complete.timestamp() - started if t.datetime_complete else None}
+                     "done_after_seconds": t.datetime_complete.timestamp() - started if t.datetime_complete else None,
+                     "reports": t.intermediate_values}  # step -> validation loss, for replay_pruner
                     for t in study.get_trials()]
         complete = [t["value"] for t in timeline if t["state"] == "COMPLETE"]
         return {"wall_seconds": wall, "sampler_seed": seed, "best_value": min(complete) if complete else float("inf"),
@@ -97,6 +104,71 @@ def pruning_ceiling(plain: dict, pruning: dict, target: float) -> dict | None:
     return None
 
 
+def timing_model(samples: list[dict]) -> tuple[float, float]:
+    """(fixed seconds, seconds per reported step) of a trial: least squares over every finished trial of
+    `samples` that reported; a stopped trial counts the steps it reported."""
+    points = [(len(trial["reports"]), seconds) for sample in samples for trial, seconds in trial_seconds(sample)
+              if trial.get("reports")]
+    mean_steps = statistics.fmean(steps for steps, _ in points)
+    mean_seconds = statistics.fmean(seconds for _, seconds in points)
+    per_step = (sum((steps - mean_steps) * (seconds - mean_seconds) for steps, seconds in points)
+                / sum((steps - mean_steps) ** 2 for steps, _ in points))
+    return mean_seconds - per_step * mean_steps, per_step
+
+
+def replay_pruner(plain: dict, pruner, target: float, timing: tuple[float, float]) -> float | None:
+    """Seconds an unpruned study's trials, in their order, would take to reach `target` had `pruner` watched
+    their recorded validation losses (None if they never do): what that pruner saves on the same trials, with
+    no feedback of the stopped trials into the sampler. Each trial costs timing's fixed + per-step seconds
+    for the steps it reports before it completes or is stopped."""
+    import optuna
+
+    fixed, per_step = timing
+    study, elapsed = optuna.create_study(pruner=pruner), 0.0
+    for recorded in sorted(plain["trials"], key=lambda t: t["number"]):
+        if recorded["state"] != "COMPLETE":
+            continue
+        if not recorded.get("reports"):
+            return None  # its losses were not recorded: the replay cannot go past it
+        trial, steps = study.ask(), sorted(recorded["reports"], key=int)
+        for done, step in enumerate(steps, 1):
+            trial.report(recorded["reports"][step], int(step))
+            if trial.should_prune():
+                elapsed += fixed + per_step * done
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            elapsed += fixed + per_step * len(steps)
+            study.tell(trial, recorded["value"])
+            if recorded["value"] <= target:
+                return elapsed
+    return None
+
+
+def replay(path: Path) -> dict:
+    """`--replay RESULTS.json`: every pruner setting replayed on each round's unpruned study (same targets)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    record = json.loads(path.read_text())
+    plain_samples = record["samples"]["no_pruning"]
+    timing = timing_model(plain_samples + record["samples"]["pruning"])
+    pruners = {"none": optuna.pruners.NopPruner,
+               **{f"median, {n} startup trial(s)": lambda n=n: optuna.pruners.MedianPruner(n_startup_trials=n)
+                  for n in (1, 2)},
+               **{f"successive_halving, reduction factor {n}":
+                  lambda n=n: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=n)
+                  for n in (2, 3, 4)}}
+    rounds = [{name: replay_pruner(plain, make(), target["target"], timing) for name, make in pruners.items()}
+              for plain, target in zip(plain_samples, record["rounds"])]
+    ratios = {name: [r["none"] / r[name] if r["none"] and r[name] else None for r in rounds] for name in pruners}
+    print(f"{path.name}: a trial costs {timing[0]:.2f} s + {timing[1]:.2f} s per reported step")
+    for name, values in ratios.items():
+        shown = ", ".join(f"{v:.2f}x" if v else "never" for v in values)
+        print(f"  {name}: {shown}; median {statistics.median(v or 0 for v in values):.2f}x")
+    return {"timing": timing, "ratios": ratios}
+
+
 def parse_args(argv=None):
     parser = common.base_parser(__file__, __doc__, pairs=3)
     parser.add_argument("--trials", type=int, default=None, help="trials per study (default 16; smoke 2)")
@@ -110,6 +182,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-rows", type=int, default=8, help="validation rows of each report to the pruner")
     parser.add_argument("--space", choices=tuple(SPACES), default="default",
                         help="search space: loraflow's default tune.* or the narrower one of earlier rounds")
+    parser.add_argument("--replay", type=Path, default=None,
+                        help="replay the unpruned studies of a results JSON through several pruner settings, "
+                             "offline (no training), and print each one's time-to-target ratio")
     args = common.parse(parser, argv)
     if args.reduction_factor and args.pruner != "successive_halving":
         parser.error("--reduction-factor is successive halving's: give --pruner successive_halving")
@@ -122,6 +197,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.replay:
+        return replay(args.replay)
     common.use_temporary_tracking()
     model_path = common.model_for(args.smoke)
     storage = str(common.scratch_dir("bench-optuna-") / "journal.log")

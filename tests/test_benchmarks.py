@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -120,16 +121,18 @@ def test_docs_table_lists_every_goal(table_dir):
         assert record["command"] in text
 
 
+def study(*trials) -> dict:
+    """A bench_tune sample from (state, value, seconds the trial took[, its reports {step: loss}]) per trial."""
+    done, timeline = 0.0, []
+    for number, (state, value, seconds, *reports) in enumerate(trials):
+        done += seconds
+        timeline.append({"number": number, "state": state, "value": value, "done_after_seconds": done,
+                         "reports": reports[0] if reports else {}})
+    return {"trials": timeline}
+
+
 def test_the_pruning_ceiling_runs_whole_only_the_trials_that_end_best_so_far():
     bench_tune = bench_module("bench_tune")
-
-    def study(*trials):  # (state, value, seconds the trial took)
-        done, timeline = 0.0, []
-        for number, (state, value, seconds) in enumerate(trials):
-            done += seconds
-            timeline.append({"number": number, "state": state, "value": value, "done_after_seconds": done})
-        return {"trials": timeline}
-
     plain = study(("COMPLETE", 3.3, 10), ("COMPLETE", 3.4, 10), ("COMPLETE", 3.2, 10), ("COMPLETE", 3.35, 10),
                   ("COMPLETE", 3.1, 10), ("COMPLETE", 3.0, 10))
     pruning = study(("COMPLETE", 3.3, 10), ("PRUNED", 3.4, 2), ("PRUNED", 3.5, 3), ("PRUNED", 3.6, 1))
@@ -138,3 +141,18 @@ def test_the_pruning_ceiling_runs_whole_only_the_trials_that_end_best_so_far():
     assert ceiling == {"ratio": 50 / 34, "ideal_seconds": 34, "stopped_trial_seconds": 2, "run_whole": [0, 2, 4],
                        "target_trial": 4}
     assert bench_tune.pruning_ceiling(plain, pruning, target=2.9) is None  # the unpruned study never got there
+
+
+def test_a_pruner_replayed_on_an_unpruned_study_stops_the_trials_it_would_have_stopped():
+    bench_tune = bench_module("bench_tune")
+    curves = [[3.0, 2.9, 2.8], [3.5, 3.4, 3.3], [3.6, 3.5, 3.4], [2.9, 2.7, 2.5]]  # validation loss at steps 1-3
+    plain = study(*(("COMPLETE", curve[-1], 7.0, {str(step): loss for step, loss in enumerate(curve, 1)})
+                    for curve in curves))
+    pruning = study(("COMPLETE", 2.8, 7.0, {"1": 3.0, "2": 2.9, "3": 2.8}), ("PRUNED", 3.5, 3.0, {"1": 3.5}))
+    timing = bench_tune.timing_model([plain, pruning])
+    assert timing == pytest.approx((1.0, 2.0))  # 1 s + 2 s per step: 7 s whole, 3 s stopped at the first
+    assert bench_tune.replay_pruner(plain, optuna.pruners.NopPruner(), 2.6, timing) == pytest.approx(28.0)
+    # the median of the finished trials at step 1 is trial 0's 3.0: trials 1 and 2 stop there, trial 3 goes on
+    median = optuna.pruners.MedianPruner(n_startup_trials=1)
+    assert bench_tune.replay_pruner(plain, median, 2.6, timing) == pytest.approx(7 + 3 + 3 + 7)
+    assert bench_tune.replay_pruner(plain, optuna.pruners.NopPruner(), 2.4, timing) is None  # never reached
