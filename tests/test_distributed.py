@@ -103,7 +103,7 @@ def test_every_epoch_the_ranks_split_one_order(tiny_llama, write_project, run_cl
     assert job.data.metrics["train/tokens"] == 2 * label_tokens(project)
 
 
-def test_an_fsdp_job_logs_the_whole_adapter(tiny_llama, write_project, run_cli):
+def test_an_fsdp_job_logs_the_whole_adapter(tiny_llama, write_project, run_cli, tmp_path):
     """FSDP2 (full_shard) on 2 CPU processes: the best adapter is gathered from both shards, so the logged one
     scores the logged eval/best_loss again."""
     project = write_project(tiny_llama, train={"batch_size": 2, "fsdp": "full_shard auto_wrap"})
@@ -113,7 +113,8 @@ def test_an_fsdp_job_logs_the_whole_adapter(tiny_llama, write_project, run_cli):
     cfg = load_config(str(project))
     base, tokenizer = models.load_model(cfg, cfg.model.name)
     adapter = models.load_adapter(base, mlflow.artifacts.download_artifacts(run_id=job.info.run_id,
-                                                                            artifact_path="adapter"))
+                                                                            artifact_path="adapter",
+                                                                            dst_path=str(tmp_path)))
     rows = data.prepare(cfg).splits["validation"][:cfg.train.eval_rows]
     assert generation.validation_loss(adapter, tokenizer, rows, cfg) == pytest.approx(
         job.data.metrics["eval/best_loss"], abs=1e-5)

@@ -168,7 +168,7 @@ def test_a_tokenizer_is_loaded_once_until_its_files_change(tiny_llama, tmp_path)
 
 
 @pytest.mark.real_model
-def test_embedded_smollm2_trains_with_nf4_and_generates(run_cli):
+def test_embedded_smollm2_trains_with_nf4_and_generates(run_cli, tmp_path):
     code, _, err = run_cli("train", "quickstart", "--set", "train.max_steps=2", "--set", "train.eval_steps=2",
                            "--set", "data.builtin_rows=40", "--set", "train.batch_size=2")
     assert code == 0, err
@@ -177,7 +177,8 @@ def test_embedded_smollm2_trains_with_nf4_and_generates(run_cli):
     cfg = load_config("quickstart")
     model, tokenizer = models.load_model(cfg, models.resolve_model_path(EMBEDDED_MODEL))
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
-    adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter")
+    adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter",
+                                                  dst_path=str(tmp_path))
     model = models.load_adapter(model, adapter)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Describe a blue mug."}],
                                            tokenize=False, add_generation_prompt=True)

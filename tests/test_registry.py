@@ -1,6 +1,8 @@
 """`loraflow register` on the tiny model: merge equivalence, gate, aliases, tags, model card, bad input."""
 from __future__ import annotations
 
+import tempfile
+
 import mlflow
 import pandas as pd
 import pytest
@@ -130,8 +132,11 @@ def test_gate_decision(tiny_llama, write_project, minimum, champion, metric, pas
     assert registry.gate(cfg, summary, champion)[0] is passed
 
 
-def test_bad_input_is_one_line_and_registers_nothing(tiny_llama, write_project, run_cli):
+def test_bad_input_is_one_line_and_registers_nothing(tiny_llama, write_project, run_cli, tmp_path, monkeypatch):
     project = write_project(tiny_llama)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     code, _, err = run_cli("register", project, "--from-run", "0123456789abcdef0123456789abcdef")
     assert assert_one_line_error(code, err).startswith("error: unknown run id"), err
 
@@ -148,6 +153,7 @@ def test_bad_input_is_one_line_and_registers_nothing(tiny_llama, write_project, 
     assert_one_line_error(code, err, "gate_metric")
     assert mlflow.MlflowClient().search_registered_models() == []
     assert not runs_of("register")
+    assert not list(scratch.iterdir())  # not even the empty folder of a download that failed
 
 
 def test_a_failure_while_registering_leaves_nothing_registered(tiny_llama, write_project, monkeypatch):

@@ -249,7 +249,7 @@ def test_a_store_gone_too_long_checkpoints_and_fails_the_run(tiny_llama, write_p
     assert len(checkpoints) == 1, "the run stops at the first failed write, after saving a checkpoint"
 
 
-def test_the_best_adapter_is_kept_and_early_stopping_stops(tiny_llama, write_project, run_cli):
+def test_the_best_adapter_is_kept_and_early_stopping_stops(tiny_llama, write_project, run_cli, tmp_path):
     """A learning rate far too high makes the loss climb after the first evaluations: training stops after
     `patience` evaluations without a new best, and the adapter logged is the best one."""
     project = write_project(tiny_llama, train={"max_steps": 40, "eval_steps": 1, "learning_rate": 0.5,
@@ -263,7 +263,8 @@ def test_the_best_adapter_is_kept_and_early_stopping_stops(tiny_llama, write_pro
     assert max(history) == best_step + 2 < 40, "stopped two evaluations after the best one"
     cfg = load_config(str(project))
     base, tokenizer = models.load_model(cfg, cfg.model.name)
-    adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter")
+    adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter",
+                                                  dst_path=str(tmp_path))
     logged = models.load_adapter(base, adapter)
     rows = data.prepare(cfg).splits["validation"][:cfg.train.eval_rows]
     assert generation.validation_loss(logged, tokenizer, rows, cfg) == pytest.approx(history[best_step], abs=1e-5)
@@ -284,7 +285,7 @@ def test_cost_is_hours_times_the_price_of_the_experiments_machine():
     assert metrics["train/cost_usd"] == pytest.approx(2.35 * 0.30, abs=1e-3)  # 0.705: "0.71 USD" in the report
 
 
-def test_generated_answer_metrics_are_logged_at_each_evaluation(tiny_llama, write_project, run_cli):
+def test_generated_answer_metrics_are_logged_at_each_evaluation(tiny_llama, write_project, run_cli, tmp_path):
     """train.eval_metrics: eval/sacrebleu (and token_f1) at every step eval/loss is logged, each the corpus score
     of what the adapter of that step answers; generating leaves the training itself as it was."""
     sections = {"lora": {"r": 4, "alpha": 8, "dropout": 0.1}}  # dropout draws random numbers: generation must not
@@ -310,7 +311,8 @@ def test_generated_answer_metrics_are_logged_at_each_evaluation(tiny_llama, writ
     cfg = load_config(str(scored))
     best = int(with_scores.data.metrics["eval/best_step"])
     rows = data.prepare(cfg).splits["validation"][:cfg.train.eval_rows]
-    adapter = Path(mlflow.artifacts.download_artifacts(run_id=with_scores.info.run_id, artifact_path="adapter"))
+    adapter = Path(mlflow.artifacts.download_artifacts(run_id=with_scores.info.run_id, artifact_path="adapter",
+                                                        dst_path=str(tmp_path)))
     base, tokenizer = models.load_model(cfg, str(tiny_llama))
     model = models.load_adapter(base, str(adapter)).eval()
     answers = generation.generate(model, tokenizer, [r["prompt"] for r in rows], cfg, seed=0, progress=False)

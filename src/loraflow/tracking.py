@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -499,10 +500,12 @@ def download_run_artifacts(run_id: str, path: str, into: Path | None = None) -> 
     """Download `path` of a run into the folder `into` (default: a new temporary folder, the caller's to
     remove); a clear error if the run or artifact is missing."""
     get_run(run_id)
+    folder = into or Path(tempfile.mkdtemp(prefix="loraflow-"))
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
-                                                        dst_path=str(into or tempfile.mkdtemp(prefix="loraflow-"))))
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(folder)))
     except (mlflow.exceptions.MlflowException, OSError):
+        if into is None:
+            shutil.rmtree(folder, ignore_errors=True)
         raise LoraflowError(f"run {run_id} has no '{path}' artifact") from None
 
 
