@@ -2,6 +2,8 @@
 and running under a run that `mlflow run` created."""
 from __future__ import annotations
 
+import tempfile
+
 import mlflow
 from helpers import assert_one_line_error, runs_of
 
@@ -29,7 +31,7 @@ def champion_version(name: str = "tiny") -> str:
 
 
 def test_failed_step_is_fixed_then_finished_steps_are_reused_and_served(tiny_llama, write_project, run_cli,
-                                                                         monkeypatch):
+                                                                         monkeypatch, tmp_path):
     from loraflow import models
 
     def disk_full(*args, **kwargs):
@@ -60,8 +62,13 @@ def test_failed_step_is_fixed_then_finished_steps_are_reused_and_served(tiny_lla
     assert f"registered: models:/tiny/{version}" in out and "mlflow ui --backend-store-uri sqlite:///" in out
     assert f"/#/experiments/{parent.info.experiment_id}?workflowType=machine_learning" in out
 
-    code, out, err = run_cli("pipeline", project, "--serve-check")  # nothing changed: everything reused
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(scratch))
+        code, out, err = run_cli("pipeline", project, "--serve-check")  # nothing changed: everything reused
     assert code == 0, err
+    assert not list(scratch.iterdir())  # the server's temp folder and the check's log, once it passed
     rerun = latest_pipeline_run()
     assert rerun.info.run_id != parent.info.run_id and set(reused(rerun).values()) == {"true"}
     assert all(len(step_runs(stage, "FINISHED")) == 1 for stage in STAGES)
