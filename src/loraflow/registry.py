@@ -269,9 +269,9 @@ def remove_abandoned_workdirs() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def download_adapter(source_run_id: str) -> Path:
-    """The run's `adapter/` artifact in a temporary folder; a one-line error when it has none."""
-    adapter_dir = tracking.download_run_artifacts(source_run_id, "adapter")
+def download_adapter(source_run_id: str, into: Path) -> Path:
+    """The run's `adapter/` artifact, downloaded into `into`; a one-line error when it has none."""
+    adapter_dir = tracking.download_run_artifacts(source_run_id, "adapter", into)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise LoraflowError(f"run {source_run_id} has no 'adapter' artifact (no adapter_config.json)")
     return adapter_dir
@@ -287,11 +287,11 @@ def run(cfg: Config, *, store: tracking.Store | None = None, from_run: str | Non
     store = store or tracking.connect(cfg=cfg)
     source = choose_run(cfg, store, from_run, from_study)
     source_run_id = source.info.run_id
-    adapter_dir = download_adapter(source_run_id)
-    base_path = base_path or models.resolve_model_path(cfg.model.name, cfg)
     remove_abandoned_workdirs()
-    workdir = Path(tempfile.mkdtemp(prefix=f"loraflow-register-{os.getpid()}-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"loraflow-register-{os.getpid()}-"))  # the adapter and the merge
     try:
+        adapter_dir = download_adapter(source_run_id, workdir)
+        base_path = base_path or models.resolve_model_path(cfg.model.name, cfg)
         with tracking.stage_run(cfg, "register", store, parent_run_id=parent_run_id,
                                 tags={Tags.SOURCE_RUN_ID: source_run_id, **(tags or {})}) as active:
             say(f"merging the adapter of run {source_run_id} into {cfg.model.name}")
@@ -317,7 +317,6 @@ def run(cfg: Config, *, store: tracking.Store | None = None, from_run: str | Non
             mlflow.set_tag(Tags.REGISTERED_VERSION, version.version)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(adapter_dir.parent, ignore_errors=True)
     message = (f"registered {cfg.model_name} version {version.version} as @{cfg.registry.alias}"
                + (f" (version {previous.version} is now @{PREVIOUS_ALIAS})" if previous else "")
                + f": {why}" + (" [forced]" if force and not passed else ""))

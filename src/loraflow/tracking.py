@@ -15,10 +15,8 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -496,16 +494,13 @@ def log_figure_png(figure, artifact_path: str) -> None:
     plt.close(figure)
 
 
-def download_run_artifacts(run_id: str, path: str, into: Path | None = None) -> Path:
-    """Download `path` of a run into the folder `into` (default: a new temporary folder, the caller's to
-    remove); a clear error if the run or artifact is missing."""
+def download_run_artifacts(run_id: str, path: str, into: Path) -> Path:
+    """Download `path` of a run into the caller's folder `into` (MLflow's own temp folders are never removed);
+    a clear error if the run or artifact is missing."""
     get_run(run_id)
-    folder = into or Path(tempfile.mkdtemp(prefix="loraflow-"))
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(folder)))
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(into)))
     except (mlflow.exceptions.MlflowException, OSError):
-        if into is None:
-            shutil.rmtree(folder, ignore_errors=True)
         raise LoraflowError(f"run {run_id} has no '{path}' artifact") from None
 
 
