@@ -231,11 +231,7 @@ def wait_until_ready(client, name: str, version: str, timeout: float = 300) -> N
 
 def check_version_answers(name: str, version: str, prompt: str) -> None:
     """Load the registered version as MLflow serves it and ask one prompt; LoraflowError unless it answers."""
-    import pandas as pd
-
-    with tempfile.TemporaryDirectory(prefix="loraflow-check-") as scratch:  # MLflow's own would be left behind
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}", dst_path=scratch)
-        answers = model.predict(pd.DataFrame({"prompt": [prompt]}), params={"max_new_tokens": 4})
+    answers = serving.answers_of(f"models:/{name}/{version}", [prompt], {"max_new_tokens": 4})
     if len(answers) != 1 or not isinstance(answers[0], str):
         raise LoraflowError(f"{name} version {version} did not answer a test prompt (got {answers!r:.100})")
 

@@ -625,17 +625,23 @@ def wait_until_ready(url: str, timeout: float = 120, process: subprocess.Popen |
     raise LoraflowError(f"the model server at {url} was not ready after {timeout:.0f} s")
 
 
+def answers_of(model_uri: str, prompts: list[str], params: dict):
+    """Load the logged model as the server would, in a temp folder of its own (MLflow's would be left behind),
+    and return its predictions for `prompts`."""
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="loraflow-model-") as scratch:
+        model = mlflow.pyfunc.load_model(model_uri, dst_path=scratch)
+        return model.predict(pd.DataFrame({"prompt": prompts}), params=params)
+
+
 def predict(cfg: Config, store: tracking.Store, prompts: list[str], *, model_uri: str | None = None,
             params: dict | None = None) -> list[str]:
     """`loraflow predict`: load the registered model as the server would and answer `prompts` in-process."""
-    import pandas as pd
-
     model_uri = model_uri or default_model_uri(cfg)
     check_model_exists(model_uri, store)
     try:
-        with tempfile.TemporaryDirectory(prefix="loraflow-predict-") as scratch:  # MLflow's own would be left behind
-            model = mlflow.pyfunc.load_model(model_uri, dst_path=scratch)
-            return [str(a) for a in model.predict(pd.DataFrame({"prompt": prompts}), params=params or {})]
+        return [str(a) for a in answers_of(model_uri, prompts, params or {})]
     except MlflowException as exc:
         raise LoraflowError(f"{model_uri}: {tracking.first_line(exc)}") from None
 
