@@ -327,6 +327,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_failed_killed_and_retried(tune_
     assert sorted(t.state.name for t in trials if t.number != dead.number) == ["COMPLETE", "COMPLETE"]
     dead_run = mlflow.get_run(dead.user_attrs["mlflow_run_id"])
     assert dead_run.info.status == "KILLED" and dead_run.data.tags["loraflow.trial_state"] == "FAILED"
+    assert not Path(dead_run.data.tags["loraflow.output_dir"]).exists()  # its checkpoint: removed by its reaper
     assert {r.info.run_id for r in runs_of("train")} == {t.user_attrs["mlflow_run_id"] for t in trials}
     assert {r.info.status for r in runs_of("train") if r.info.run_id != dead_run.info.run_id} == {"FINISHED"}
     study_runs = {run.data.tags["loraflow.pid"]: run for run in runs_of("tune")}
@@ -412,8 +413,10 @@ def test_a_trial_whose_worker_on_another_host_went_silent_is_failed_and_queued_a
         trial.suggest_categorical("lora.r", [2, 4, 8])
         if seconds is None:  # asked, but its worker has not written who it is yet
             continue
+        output_dir = tmp_path / "trials" / name  # on a disk both hosts share
+        (output_dir / "checkpoint-1").mkdir(parents=True)
         tags = {"loraflow.host": "elsewhere", "loraflow.pid": "1", "loraflow.trial_state": "RUNNING",
-                "loraflow.heartbeat": f"{time.time() - seconds:.0f}"}
+                "loraflow.heartbeat": f"{time.time() - seconds:.0f}", "loraflow.output_dir": str(output_dir)}
         run = client.create_run(experiment_id, run_name=name, tags=tags)
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         trial.set_user_attr("worker_host", "elsewhere")
@@ -427,5 +430,6 @@ def test_a_trial_whose_worker_on_another_host_went_silent_is_failed_and_queued_a
     silent_run = client.get_run(silent.user_attrs["mlflow_run_id"])
     assert silent_run.info.status == "KILLED" and silent_run.data.tags["loraflow.trial_state"] == "FAILED"
     assert client.get_run(beating.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
+    assert sorted(p.name for p in (tmp_path / "trials").iterdir()) == ["beating"]  # the dead trial's folder is gone
     assert studies.trial_counts(study.trials) == {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RETRIED": 1, "RUNNING": 2,
                                                "WAITING": 1}

@@ -10,7 +10,8 @@ study's total: a worker starts trials until the study holds N trials that finish
 FAIL) or run in a live worker, so two workers with --n-trials 8 share 8 trials, and --n-trials 12 on a
 study of 8 adds 4. Workers finishing at the same instant may each start one last trial (at most
 workers - 1 beyond N). A worker killed mid-trial (kill -9, the OOM killer, a lost machine): its
-trial becomes FAIL, its MLflow run KILLED, and its parameters are queued again (MAX_RETRIES times) as
+trial becomes FAIL, its MLflow run KILLED, its output folder is removed (where this host sees it), and its
+parameters are queued again (MAX_RETRIES times) as
 a new trial with user attr `retried_from`, which a surviving worker or the next one started runs; the
 dead trial does not count toward N (tune/trials_retried), its retry does. A trial interrupted by
 SIGTERM or Ctrl+C is queued again the same way. How a dead worker is seen, before each trial:
@@ -27,6 +28,7 @@ cores (torch.set_num_threads(cores // k)) instead of every worker taking them al
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 import warnings
@@ -196,18 +198,28 @@ def died_reason(trial) -> str:
 
 
 def retry_dead_trial(study, trial) -> None:
-    """For a trial already failed because its worker died: end its MLflow run KILLED and queue it again.
+    """For a trial already failed because its worker died: end its MLflow run KILLED, remove its output folder
+    (checkpoints, best adapter: its retry starts afresh) and queue it again.
 
     Also the RDB heartbeat's stale-trial callback: what Optuna's RetryHeartbeatStaleTrialCallback does,
     with the MLflow run ended and loraflow's retry attrs, the same for both storages.
     """
     if trial.user_attrs.get("mlflow_run_id"):
+        client = mlflow.MlflowClient()
         try:
-            end_trial_run(mlflow.MlflowClient(), trial.user_attrs["mlflow_run_id"], "FAILED", died_reason(trial),
-                          status="KILLED")
+            end_trial_run(client, trial.user_attrs["mlflow_run_id"], "FAILED", died_reason(trial), status="KILLED")
+            remove_output_folder(client, trial.user_attrs["mlflow_run_id"])
         except mlflow.exceptions.MlflowException as exc:
             warn(f"trial {trial.number}: cannot end its MLflow run: {first_line(exc)}")
     queue_retry(study, trial.number, trial.params, trial.user_attrs, died_reason(trial))
+
+
+def remove_output_folder(client, run_id: str) -> None:
+    """Remove the folder a dead trial's run trained in (its loraflow.output_dir tag), where this host sees it:
+    on the dead worker's host, or any host sharing its disk. A trial that died before training has none."""
+    folder = client.get_run(run_id).data.tags.get(Tags.OUTPUT_DIR)
+    if folder and Path(folder).is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def fail_dead_trials(study, storage) -> list[int]:
