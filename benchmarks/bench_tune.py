@@ -2,14 +2,14 @@
 
     .venv/bin/python benchmarks/bench_tune.py [--smoke] [--pairs 3] [--trials 16] [--steps 10] [--eval-every 1]
                                               [--pruner median|successive_halving|hyperband] [--reduction-factor 3]
-                                              [--space default|narrow]
+                                              [--space default|narrow] [--first-seed 0]
     .venv/bin/python benchmarks/bench_tune.py --replay benchmarks/results/tune-32-trials.json
 
 After an unmeasured one-trial study (--warmup; the first training in a process pays seconds to
 minutes of one-off costs), each round runs two fresh studies through loraflow's own tune.run, one
 after the other, with the same sampler seed and trial budget: A with the pruner (loraflow's default, median, unless
---pruner says otherwise; validation loss every train.eval_steps), B with no pruner. Round i uses sampler seed i, so the rounds
-search differently. The search space is loraflow's default tune.* (r 4-32, alpha multipliers 1 and 2,
+--pruner says otherwise; validation loss every train.eval_steps), B with no pruner. Round i uses sampler seed i (plus
+--first-seed: more rounds on new seeds, to pool with an earlier run's), so the rounds search differently. The search space is loraflow's default tune.* (r 4-32, alpha multipliers 1 and 2,
 learning rate 1e-5..1e-3 on a log scale); --space narrow is the earlier rounds' (r 4/8/16, learning
 rate 1e-4..3e-3), where nearly every trial lands close to the best. Target = 1.01 x the lowest validation loss either study of the
 round found; an arm's time to target is from its tune.run call to the completion of its first trial
@@ -182,6 +182,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-rows", type=int, default=8, help="validation rows of each report to the pruner")
     parser.add_argument("--space", choices=tuple(SPACES), default="default",
                         help="search space: loraflow's default tune.* or the narrower one of earlier rounds")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="sampler seed of the first round (round i: first + i); not 0 adds '-seeds-A-B' to the "
+                             "results name, so further rounds of a setting are kept beside its first run's")
     parser.add_argument("--replay", type=Path, default=None,
                         help="replay the unpruned studies of a results JSON through several pruner settings, "
                              "offline (no training), and print each one's time-to-target ratio")
@@ -216,7 +219,7 @@ def main(argv=None) -> dict:
     counter = [0]
     for _ in range(args.warmup):  # a one-trial study pays the first-use costs (kernels, file cache) unmeasured
         study_arm(configs["pruning"], 1, storage, counter)()
-    seeds = list(range(args.pairs))  # both arms of round i search with sampler seed i
+    seeds = list(range(args.first_seed, args.first_seed + args.pairs))  # both arms of round i: the same seed
     arms = {name: study_arm(cfg, args.trials, storage, counter, seeds) for name, cfg in configs.items()}
     samples = common.alternate(arms, args.pairs, warmup=0)
     return report(args, model_path, samples, tune_settings, train_settings)
@@ -251,10 +254,12 @@ def report(args, model_path, samples, tune_settings, train_settings) -> dict:
                "rounds": rounds, "best_value": {name: [s["best_value"] for s in arm] for name, arm in samples.items()},
                "pruned_trials": {name: [s["pruned"] for s in arm] for name, arm in samples.items()},
                "goals": goals, "samples": samples}
-    # loraflow's default pruner at 16 trials is "tune"; another pruner or budget adds "-<pruner>", "-<n>-trials"
+    # loraflow's default pruner at 16 trials is "tune"; another pruner or budget adds "-<pruner>", "-<n>-trials",
+    # rounds not starting at seed 0 "-seeds-<first>-<last>"
     name = "tune" + ("" if args.pruner == DEFAULT_PRUNER else f"-{args.pruner.replace('_', '-')}") + (
         f"-factor-{args.reduction_factor}" if args.reduction_factor else "") + (
-        "" if args.trials == 16 or args.smoke else f"-{args.trials}-trials")
+        "" if args.trials == 16 or args.smoke else f"-{args.trials}-trials") + (
+        f"-seeds-{args.first_seed}-{args.first_seed + args.pairs - 1}" if args.first_seed else "")
     common.write_results(name, args, payload)
     return payload
 
