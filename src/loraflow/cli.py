@@ -297,6 +297,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, terminated)  # a scheduler's SIGTERM ends the stage's run KILLED, like Ctrl+C
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # four lines a run ("Started monitoring...")
+    # bitsandbytes, once imported (by peft, before any model loads), says it found no hub-hosted CPU kernels
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort as exc:  # click turns KeyboardInterrupt into Abort; keep the cause's word

@@ -147,12 +147,7 @@ def cpu_has_bf16() -> bool:
 
 
 def quantization_config(cfg: Config):
-    import logging
-
     import transformers
-
-    # bitsandbytes looks for optional hub-hosted CPU kernels and says so on every load; its own work.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     if cfg.model.quantization == "nf4":
         return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
