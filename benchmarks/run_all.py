@@ -21,7 +21,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 DOCS = BENCH_DIR.parent / "docs" / "benchmarks.md"
 ORDER = ("train", "train-fp32", "train-fp32-avx2", "levers", "levers-cpt", "levers-fp32", "levers-fp32-cpt",
          "levers-fp32-avx2", "memory", "generate", "serving", "serving-fp32", "tune", "tune-successive-halving",
-         "tune-32-trials", "tune-successive-halving-factor-4-32-trials",
+         "tune-successive-halving-factor-4", "tune-32-trials", "tune-successive-halving-factor-4-32-trials",
          "tune-successive-halving-factor-4-32-trials-seeds-3-5", "coldstart", "coldstart-nf4", "load")
 KEPT = {  # results measured on another kind of CPU, kept for the table and never re-run here
     "train-fp32-avx2": "train-fp32 from a CPU with AVX2 only (no AVX-512, no native bf16)",
@@ -35,6 +35,7 @@ VARIANTS = {  # result name: (benchmark, its options)
     "levers-fp32-cpt": ("levers", ["--dtype", "fp32", "--objective", "cpt", "--max-length", "512", "--pairs", "3"]),
     "serving-fp32": ("serving", ["--dtype", "fp32"]),
     "tune-successive-halving": ("tune", ["--pruner", "successive_halving"]),
+    "tune-successive-halving-factor-4": ("tune", ["--pruner", "successive_halving", "--reduction-factor", "4"]),
     "tune-32-trials": ("tune", ["--trials", "32"]),
     "tune-successive-halving-factor-4-32-trials": ("tune", ["--pruner", "successive_halving", "--reduction-factor", "4",
                                                             "--trials", "32"]),
