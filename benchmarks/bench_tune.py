@@ -7,11 +7,12 @@
 
 After an unmeasured one-trial study (--warmup; the first training in a process pays seconds to
 minutes of one-off costs), each round runs two fresh studies through loraflow's own tune.run, one
-after the other, with the same sampler seed and trial budget: A with the pruner (loraflow's default, median, unless
---pruner says otherwise; validation loss every train.eval_steps), B with no pruner. Round i uses sampler seed i (plus
---first-seed: more rounds on new seeds, to pool with an earlier run's), so the rounds search differently. The search space is loraflow's default tune.* (r 4-32, alpha multipliers 1 and 2,
-learning rate 1e-5..1e-3 on a log scale); --space narrow is the earlier rounds' (r 4/8/16, learning
-rate 1e-4..3e-3), where nearly every trial lands close to the best. Target = 1.01 x the lowest validation loss either study of the
+after the other, with the same sampler seed and trial budget: A with the pruner (loraflow's default, median,
+unless --pruner says otherwise; validation loss every train.eval_steps), B with no pruner. Round i uses sampler
+seed i (plus --first-seed: more rounds on new seeds, to pool with an earlier run's), so the rounds search
+differently. The search space is loraflow's default tune.* (r 4-32, alpha multipliers 1 and 2, learning rate
+1e-5..1e-3 on a log scale); --space narrow is the earlier rounds' (r 4/8/16, learning rate 1e-4..3e-3), where
+nearly every trial lands close to the best. Target = 1.01 x the lowest validation loss either study of the
 round found; an arm's time to target is from its tune.run call to the completion of its first trial
 at or below the target (its whole wall time, flagged not reached, if none). Ratio = B / A: how many
 times less time pruning needs (goal >= 2). Each round also gets the most any pruner could have got from
