@@ -167,6 +167,17 @@ def test_a_tokenizer_is_loaded_once_until_its_files_change(tiny_llama, tmp_path)
     assert second is not first and second.model_max_length == 77 and first.model_max_length != 77
 
 
+def test_a_bpe_tokenizer_asking_for_cleanup_decodes_the_same_without_asking(tiny_llama, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    settings = folder / "tokenizer_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "clean_up_tokenization_spaces": True}))
+    tokenizer = models.load_tokenizer(str(folder))
+    ids = tokenizer("a blue mug , made of clay .", add_special_tokens=False)["input_ids"]
+    assert tokenizer.clean_up_tokenization_spaces is False  # transformers warned, once a process, that it skips it
+    assert tokenizer.decode(ids) == "a blue mug , made of clay ."  # as it decoded: BPE never ran the cleanup
+
+
 @pytest.mark.real_model
 def test_embedded_smollm2_trains_with_nf4_and_generates(run_cli, tmp_path):
     code, _, err = run_cli("train", "quickstart", "--set", "train.max_steps=2", "--set", "train.eval_steps=2",

@@ -183,7 +183,17 @@ def read_tokenizer(path: str):
         raise LoraflowError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if cleanup_skipped_for_bpe(tokenizer):
+        tokenizer.clean_up_tokenization_spaces = False  # the same text; no warning from every process that decodes
     return tokenizer
+
+
+def cleanup_skipped_for_bpe(tokenizer) -> bool:
+    """Whether transformers skips `tokenizer`'s clean_up_tokenization_spaces (it does for a BPE model, unless
+    forced: the cleanup would strip spaces before punctuation) and warns that it does, as SmolLM2's asks for it."""
+    backend_model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    return bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)) and type(backend_model).__name__ == "BPE" \
+        and not getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
 
 
 def model_class(cfg: Config):
