@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -151,6 +152,15 @@ def test_pyfunc_checks_params_and_input_in_process(logged_model):
     with pytest.raises(MlflowException):
         generator.predict(pd.DataFrame({"text": ["x"]}))
     assert generator.metadata.get_params_schema().to_dict()  # params are declared in the signature
+
+
+def test_the_pyfunc_class_is_defined_without_mlflows_type_hint_warning():
+    """MLflow warns, when a PythonModel's predict has no type hint, in every process that imports it (register,
+    serve, predict); the warning is MLflow's own "once", so a fresh interpreter shows it."""
+    imported = subprocess.run([sys.executable, "-c", "import loraflow.serving"], capture_output=True, text=True,
+                              timeout=120)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    assert "Add type hints to the `predict` method" not in imported.stderr
 
 
 def test_serve_without_a_registered_model_is_a_one_line_error(tiny_llama, write_project, run_cli):

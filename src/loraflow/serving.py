@@ -58,6 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
+import pandas as pd  # mlflow.pyfunc has imported it already
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE
@@ -105,8 +106,6 @@ def request_budget() -> float:
 
 def prompts_from(model_input) -> list[str]:
     """The `prompt` column of a DataFrame (or a list of records) as strings; 400 if it is missing or bad."""
-    import pandas as pd
-
     frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
     if "prompt" not in frame.columns:
         raise invalid(f"the input needs a 'prompt' column; got columns {list(map(str, frame.columns))}")
@@ -302,7 +301,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         self.queue_lock = threading.Lock()  # guards self.waiting
         self.waiting: list[Request] = []  # requests not yet taken into a batch, oldest first
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # the hint: no "add type hints" warning
         started = time.monotonic()
         budget = request_budget()
         prompts = prompts_from(model_input)
@@ -450,8 +449,6 @@ def log_model(cfg: Config, merged_dir: str | Path, name: str = "model"):
     The model is logged from code (served_model.py) with an input example; loraflow's own source goes
     along as code_paths, so the serving environment needs only the pip requirements, not loraflow.
     """
-    import pandas as pd
-
     import loraflow
 
     package = Path(loraflow.__file__).parent
@@ -628,8 +625,6 @@ def wait_until_ready(url: str, timeout: float = 120, process: subprocess.Popen |
 def answers_of(model_uri: str, prompts: list[str], params: dict):
     """Load the logged model as the server would, in a temp folder of its own (MLflow's would be left behind),
     and return its predictions for `prompts`."""
-    import pandas as pd
-
     with tempfile.TemporaryDirectory(prefix="loraflow-model-") as scratch:
         model = mlflow.pyfunc.load_model(model_uri, dst_path=scratch)
         return model.predict(pd.DataFrame({"prompt": prompts}), params=params)
