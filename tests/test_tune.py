@@ -103,7 +103,6 @@ def test_trials_leave_their_adapters_in_their_runs_and_nothing_on_disk(tune_proj
         run = trial_run(number)
         assert not Path(run.data.tags["loraflow.output_dir"]).exists()  # no checkpoints, no best adapter
         assert len(mlflow.MlflowClient().list_artifacts(run.info.run_id, "adapter")) > 1
-    assert len(mlflow.MlflowClient().list_artifacts(trial_run(1).info.run_id, "adapter")) > 1
 
 
 def pruning_decisions(pruner, finished: list[dict], reports: dict) -> list[bool]:

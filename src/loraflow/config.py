@@ -178,8 +178,8 @@ class TuneConfig:
     layers_choices: typing.Optional[list] = opt(None, 'layers to adapt, e.g. ["all", "last:1"] (null: keep)')
     pruner: typing.Literal["median", "successive_halving", "hyperband", "none"] = opt(
         "median", "how unpromising trials stop early: median (below the finished trials' median at a step), "
-        "successive_halving (outside the best 1/pruner_reduction_factor at validations 1, 3, 9, ...), hyperband, "
-        "none")
+        "successive_halving (outside the best 1/N at validations 1, N, N^2, ..., N = pruner_reduction_factor), "
+        "hyperband, none")
     sampler_seed: int = opt(0, "seed of the TPE sampler")
     study_name: str = opt("", "Optuna study name (empty: the project's name)")
     storage: str = opt("", "Optuna storage URL or journal file (empty: beside the MLflow store)")

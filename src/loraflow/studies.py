@@ -210,7 +210,7 @@ def retry_dead_trial(study, trial) -> None:
             end_trial_run(client, trial.user_attrs["mlflow_run_id"], "FAILED", died_reason(trial), status="KILLED")
             remove_output_folder(client, trial.user_attrs["mlflow_run_id"])
         except mlflow.exceptions.MlflowException as exc:
-            warn(f"trial {trial.number}: cannot end its MLflow run: {first_line(exc)}")
+            warn(f"trial {trial.number}: cannot end its MLflow run or find its output folder: {first_line(exc)}")
     queue_retry(study, trial.number, trial.params, trial.user_attrs, died_reason(trial))
 
 
