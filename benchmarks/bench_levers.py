@@ -5,7 +5,7 @@
 
 bench_train.py's arms are whole Trainer runs; on a 2-core machine they differ by up to 25% from round to
 round, too much to resolve a lever worth 5%. Here one loraflow model (models.load_model + attach_lora, as
-train.run makes it) trains on one fixed batch of train.training_collator. Every round runs an optimizer step
+train.run makes it) trains on one fixed batch of training.trainer.training_collator. Every round runs an optimizer step
 (forward, backward, AdamW) with loraflow as it is, then one with a lever left out, for each lever in turn;
 a lever's ratio is the median over rounds of (its step without the lever / the step as it is), so a slow
 moment of the machine hits both sides of a ratio. The levers, each toggled on the same model and batch:
@@ -77,21 +77,22 @@ def levers_config(args, model_path: str):
 
 
 def collated_batches(cfg, model, tokenizer, examples) -> dict:
-    """The batch train.training_collator makes, and the same rows batched with the head levers left out."""
-    from loraflow import models, train
+    """The batch training_collator makes, and the same rows batched with the head levers left out."""
+    from loraflow import models
+    from loraflow.training.trainer import training_collator
 
-    as_is = train.training_collator(cfg, model, tokenizer)([dict(e) for e in examples])
+    as_is = training_collator(cfg, model, tokenizer)([dict(e) for e in examples])
     with mock.patch.object(models, "head_on_labelled_tokens", lambda model: False):
-        shared_head = train.training_collator(cfg, model, tokenizer)([dict(e) for e in examples])
+        shared_head = training_collator(cfg, model, tokenizer)([dict(e) for e in examples])
     with mock.patch.object(models, "takes_logits_to_keep", lambda model: False):
-        full_head = train.training_collator(cfg, model, tokenizer)([dict(e) for e in examples])
+        full_head = training_collator(cfg, model, tokenizer)([dict(e) for e in examples])
     return {"as_is": as_is, "per_token_head": shared_head, "head_trim": full_head}
 
 
 @contextlib.contextmanager
 def peft_forward(model):
     """PEFT's LoRA forward on every layer while inside (fused_lora's instance forwards taken off, then put back)."""
-    from loraflow import fused_lora
+    from loraflow.kernels import fused_lora
 
     layers = [module for module in model.modules() if "forward" in vars(module) and hasattr(module, "lora_A")]
     for layer in layers:
@@ -105,7 +106,7 @@ def peft_forward(model):
 @contextlib.contextmanager
 def own_masks(model):
     """Every SixteenBitDropout drawing its own mask while inside."""
-    from loraflow.dropout import SixteenBitDropout
+    from loraflow.kernels.dropout import SixteenBitDropout
 
     dropouts = [(module, module.shared) for module in model.modules() if isinstance(module, SixteenBitDropout)]
     for module, _ in dropouts:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_memory.py [--smoke] [--pairs 2] [--steps 2] [--configs none,int8,nf4]
 
 Every configuration trains a few steps through loraflow's own path (models.load_model, attach_lora,
-train.build_trainer, Trainer.train) in a fresh subprocess, which reports its peak resident set size
+training.trainer.build_trainer, Trainer.train) in a fresh subprocess, which reports its peak resident set size
 (resource.getrusage(RUSAGE_SELF).ru_maxrss). The configurations run one after another (or, with
 --parallel, a round's processes at once: a process's peak RSS does not depend on its neighbours),
 round after round; the ratio of each to fp32 is taken per round. A child that only imports the same libraries
@@ -49,7 +49,8 @@ def child(name: str, model_path: str, steps: int) -> dict:
     import mlflow
     import torch
 
-    from loraflow import data, models, train
+    from loraflow import data, models
+    from loraflow.training.trainer import build_trainer
 
     if name == FLOOR:
         return {"peak_rss_mb": peak_rss_mb(), "vm_hwm_mb": peak_of_address_space_mb()}
@@ -61,7 +62,7 @@ def child(name: str, model_path: str, steps: int) -> dict:
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = models.load_model(cfg, model_path)
     model = models.attach_lora(model, cfg)
-    trainer = train.build_trainer(cfg, model, tokenizer, prepared, Path(cfg.train.output_dir))
+    trainer = build_trainer(cfg, model, tokenizer, prepared, Path(cfg.train.output_dir))
     with mlflow.start_run():
         trainer.train()
     return {"peak_rss_mb": peak_rss_mb(), "vm_hwm_mb": peak_of_address_space_mb(), "compute_dtype": str(models.compute_dtype(cfg)).removeprefix("torch."),

@@ -7,7 +7,7 @@
 
 A = loraflow: models.load_model + models.attach_lora with model.dtype=auto (bf16 weights and bf16
 autocast on a CPU with AMX/AVX512-BF16), data.training_examples (completion-only labels) and
-train.build_trainer (dynamic padding, group_by_length, MLflow logging into a throw-away store).
+training.trainer.build_trainer (dynamic padding, group_by_length, MLflow logging into a throw-away store).
 B = the way public notebooks do it: the model in fp32, PEFT LoRA with the same settings, the chat
 text tokenised with padding="max_length", DataCollatorForLanguageModeling(mlm=False) (labels =
 input_ids with pad masked), a default Trainer. Same model, rows, batch, steps, schedule and seed.
@@ -165,7 +165,7 @@ def time_mlflow_logging(trainer) -> list:
 
 
 def without_autocast(make_arguments):
-    """train.training_arguments with bf16 (autocast) off; the weights stay as load_model made them."""
+    """training.trainer.training_arguments with bf16 (autocast) off; the weights stay as load_model made them."""
     def make(cfg, output_dir, bf16):
         return make_arguments(cfg, output_dir, False)
     return make
@@ -183,7 +183,10 @@ def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast
     import mlflow
     import torch
 
-    from loraflow import fused_lora, head_loss, models, train
+    from loraflow import models
+    from loraflow.kernels import fused_lora, head_loss
+    from loraflow.training.callback import count_trained_tokens
+    from loraflow.training.trainer import build_trainer, training_arguments
 
     def run() -> dict:
         torch.manual_seed(cfg.train.seed)
@@ -196,22 +199,22 @@ def loraflow_arm(name: str, cfg, model_path: str, prepared, kept: dict, autocast
                 mock.patch.object(head_loss, "install", head_loss.install if fused_head_loss else lambda m, c: False):
             model = models.attach_lora(model, cfg)
         if not shared_masks:
-            from loraflow.dropout import SixteenBitDropout
+            from loraflow.kernels.dropout import SixteenBitDropout
 
             for module in model.modules():
                 if isinstance(module, SixteenBitDropout):
                     module.shared = None
         attention = models.faster_cpu_attention(model, cfg) if attention_probe else "sdpa"
         output_dir = Path(tempfile.mkdtemp(prefix="bench-loraflow-", dir=cfg.train.output_dir))
-        make_arguments = train.training_arguments if autocast else without_autocast(train.training_arguments)
-        with mock.patch.object(train, "training_arguments", make_arguments), \
+        make_arguments = training_arguments if autocast else without_autocast(training_arguments)
+        with mock.patch("loraflow.training.trainer.training_arguments", make_arguments), \
                 mock.patch.object(models, "takes_logits_to_keep", models.takes_logits_to_keep if head_trim
                                   else lambda model: False), \
                 mock.patch.object(models, "head_on_labelled_tokens", models.head_on_labelled_tokens if per_token_head
                                   else lambda model: False):
-            setup, trainer = common.timed(lambda: train.build_trainer(cfg, model, tokenizer, prepared, output_dir))
+            setup, trainer = common.timed(lambda: build_trainer(cfg, model, tokenizer, prepared, output_dir))
         counted = {"tokens": 0}
-        train.count_trained_tokens(trainer.model, cfg, counted)
+        count_trained_tokens(trainer.model, cfg, counted)
         tokens = trainer.data_collator = TokenCounter(trainer.data_collator, model)
         logging = time_mlflow_logging(trainer)
         with mlflow.start_run():

@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+
 from loraflow.config import TuneConfig  # noqa: E402
 
 DEFAULT_PRUNER = TuneConfig().pruner  # loraflow's own tune.pruner default
@@ -42,8 +43,9 @@ SPACES = {"default": {}, "narrow": {"r_choices": [4, 8, 16], "lr_low": 1e-4, "lr
 def study_arm(cfg, trials: int, storage: str, counter: list, seeds: list | None = None) -> callable:
     """One fresh study of `trials` trials per call, the k-th call with sampler seed seeds[k] (else the config's);
     returns its trial timeline."""
-    from loraflow import studies, tune
+    from loraflow import studies
     from loraflow.config import with_values
+    from loraflow.stages import tune
 
     calls = [0]
 

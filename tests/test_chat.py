@@ -17,8 +17,9 @@ from helpers import assert_one_line_error
 from mlflow.exceptions import MlflowException
 from test_serving import LONG_PROMPT, assert_clean_error, free_port, post
 
-from loraflow import LoraflowError, data, generation, registry, serving
+from loraflow import LoraflowError, data, generation, serving
 from loraflow.config import load_config
+from loraflow.tracking import Tags
 
 SYSTEM = "You write product descriptions."
 PROMPTS = ["Describe: Oak desk", "Describe: Red mug"]
@@ -171,7 +172,7 @@ def test_the_registered_chat_flavour_answers_an_openai_request_over_http(tiny_ll
     assert code == 0, err
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("tiny", "champion")
-    chat_uri = version.tags[registry.CHAT_MODEL_TAG]
+    chat_uri = version.tags[Tags.CHAT_MODEL_URI]
     logged = mlflow.get_logged_model(chat_uri.removeprefix("models:/"))
     assert logged.name == "chat_model" and logged.source_run_id == version.tags["loraflow.register_run_id"]
     [expected] = mlflow.pyfunc.load_model("models:/tiny@champion").predict(
@@ -215,7 +216,7 @@ def test_the_registered_chat_flavour_answers_an_openai_request_over_http(tiny_ll
     with pytest.raises(OSError):  # the port is closed: the server went with loraflow
         post(url, b"{}", timeout=5)
 
-    client.delete_model_version_tag("tiny", version.version, registry.CHAT_MODEL_TAG)
+    client.delete_model_version_tag("tiny", version.version, Tags.CHAT_MODEL_URI)
     code, _, err = run_cli("serve", project, "--chat", "--port", str(free_port()))
     assert_one_line_error(code, err, "has no chat flavour")
     code, _, err = run_cli("serve", project, "--chat", "--model-uri", chat_uri)

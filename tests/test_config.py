@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraflow.config import (SECTIONS, ConfigError, Config, LrScheduler, describe, describe_text, from_dict,
-                             load_config, type_problem, with_values)
+from loraflow.config import (SECTIONS, Config, ConfigError, LrScheduler, describe, describe_text, from_dict,
+                             load_config, with_values)
+from loraflow.config.loading import type_problem
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = sorted((REPO / "projects").glob("*/*.yaml"))

@@ -7,8 +7,9 @@ import json
 import pytest
 from helpers import runs_of
 
-from loraflow import LoraflowError, data, readers
+from loraflow import LoraflowError, data
 from loraflow.config import from_dict
+from loraflow.data import readers
 from loraflow.models import load_tokenizer
 from loraflow.tiny import CHAT_TEMPLATE, train_tokenizer
 

@@ -10,7 +10,7 @@ import torch
 
 from loraflow import models
 from loraflow.config import from_dict
-from loraflow.dropout import LastMask, SixteenBitDropout
+from loraflow.kernels.dropout import LastMask, SixteenBitDropout
 
 
 def test_p_is_rounded_to_sixteen_bits_and_kept_elements_keep_the_expected_value():

@@ -9,8 +9,9 @@ import pytest
 import torch
 from helpers import assert_one_line_error, runs_of
 
-from loraflow import data, evaluate, generation, models, train
+from loraflow import data, generation, models
 from loraflow.config import load_config
+from loraflow.stages import evaluate, train
 
 METRICS = ("rouge1", "rougeL")
 

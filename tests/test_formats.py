@@ -7,8 +7,9 @@ import json
 import pytest
 from helpers import assert_one_line_error, runs_of
 
-from loraflow import LoraflowError, data, generation, readers
+from loraflow import LoraflowError, data, generation
 from loraflow.config import ConfigError, from_dict
+from loraflow.data import readers
 from loraflow.models import load_tokenizer
 
 # Ten hand-made rows: one with an empty answer (dropped as empty), one a duplicate of the first, and an optional

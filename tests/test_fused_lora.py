@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraflow import fused_lora, models
+from loraflow import models
 from loraflow.config import from_dict
-from loraflow.dropout import SixteenBitDropout
+from loraflow.kernels import fused_lora
+from loraflow.kernels.dropout import SixteenBitDropout
 
 BATCH = {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]]),
          "labels": torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [-100, -100, -100, 5, 4, 3, 2, 1]])}

@@ -8,8 +8,9 @@ from unittest import mock
 import pytest
 import torch
 
-from loraflow import data, head_loss, models
+from loraflow import data, models
 from loraflow.config import from_dict
+from loraflow.kernels import head_loss
 
 BATCH = {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]]),
          "attention_mask": torch.ones(2, 8, dtype=torch.long),

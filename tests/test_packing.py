@@ -9,6 +9,7 @@ import torch
 from helpers import runs_of
 
 from loraflow import data, generation
+from loraflow.training.trainer import training_collator
 from loraflow.config import ConfigError, from_dict, load_config
 from loraflow.models import load_tokenizer, read_tokenizer
 
@@ -141,14 +142,12 @@ def test_a_rows_loss_is_the_same_packed_and_alone(tiny_llama, attention):
 def test_flash_attention_with_several_blocks_a_batch_is_warned_about(tiny_llama, capsys):
     from types import SimpleNamespace
 
-    from loraflow import train
-
     cfg = packing_config(tiny_llama, packing="rows")
     tokenizer = load_tokenizer(str(tiny_llama))
     for attention, batch_size in (("flash_attention_2", 1), ("sdpa", 4), ("flash_attention_2", 4)):
         model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
         with_batch = from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "batch_size": batch_size}})
-        collate = train.training_collator(with_batch, model, tokenizer)
+        collate = training_collator(with_batch, model, tokenizer)
         assert collate([{"input_ids": [5, 6], "labels": [-100, 6], "position_ids": [0, 1]}])["use_cache"] is False
     assert capsys.readouterr().err.count("keeps packed rows apart only with train.batch_size=1") == 1
 

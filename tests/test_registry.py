@@ -9,8 +9,9 @@ import pytest
 import torch
 from helpers import assert_one_line_error, runs_of
 
-from loraflow import models, registry, tracking
+from loraflow import models, tracking
 from loraflow.config import load_config
+from loraflow.stages import register as registry
 
 
 def registered_versions(name="tiny"):

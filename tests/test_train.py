@@ -17,8 +17,11 @@ import torch
 from helpers import assert_one_line_error, runs_of
 from safetensors.torch import load_file
 
-from loraflow import data, generation, models, train
+from loraflow import data, generation, models
+from loraflow.training.checkpoints import COMPLETE_MARKER
+from loraflow.training.trainer import training_arguments, training_collator
 from loraflow.config import load_config
+from loraflow.stages import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +108,7 @@ def test_tokens_count_what_the_optimizer_trained_on(tiny_llama, write_project, r
 def send_when_checkpointed(signum: int, pid: int, folder: Path, step: int = 2) -> threading.Thread:
     """A thread that sends `signum` to `pid` once a complete checkpoint-`step` exists under `folder`."""
     def watch():
-        pattern = f"outputs/*/*/checkpoint-{step}/{train.COMPLETE_MARKER}"
+        pattern = f"outputs/*/*/checkpoint-{step}/{COMPLETE_MARKER}"
         for _ in range(6000):
             if list(folder.glob(pattern)):
                 os.kill(pid, signum)
@@ -245,7 +248,7 @@ def test_a_store_gone_too_long_checkpoints_and_fails_the_run(tiny_llama, write_p
     assert_one_line_error(code, err, "the tracking store has not answered")
     [run] = runs_of("train")
     assert run.info.status == "FAILED"
-    checkpoints = list(Path(run.data.tags["loraflow.output_dir"]).glob(f"checkpoint-*/{train.COMPLETE_MARKER}"))
+    checkpoints = list(Path(run.data.tags["loraflow.output_dir"]).glob(f"checkpoint-*/{COMPLETE_MARKER}"))
     assert len(checkpoints) == 1, "the run stops at the first failed write, after saving a checkpoint"
 
 
@@ -331,14 +334,14 @@ def test_tf32_is_refused_where_the_machine_has_none(tiny_llama, write_project, r
 def test_fp16_compute_trains_with_fp16_mixed_precision(tiny_llama, write_project, run_cli):
     """model.dtype: fp16 (a GPU without bf16, e.g. a T4) is the Trainer's fp16 autocast with loss scaling."""
     project = write_project(tiny_llama, model={"dtype": "fp16"})
-    arguments = train.training_arguments(load_config(str(project)), Path("out"), bf16=False)
+    arguments = training_arguments(load_config(str(project)), Path("out"), bf16=False)
     assert arguments.fp16 and not arguments.bf16
     code, _, err = run_cli("train", project)
     assert code == 0, err
     [run] = runs_of("train")
     assert run.data.params["model.dtype"] == "fp16" and 0 < run.data.metrics["train/loss"] < 20
     bf16 = load_config(str(write_project(tiny_llama, "bf16.yaml", model={"dtype": "bf16"})))
-    arguments = train.training_arguments(bf16, Path("out"), bf16=True)
+    arguments = training_arguments(bf16, Path("out"), bf16=True)
     assert arguments.bf16 and not arguments.fp16
 
 
@@ -349,7 +352,7 @@ def test_the_head_and_loss_skip_positions_without_labels(tiny_llama, write_proje
     cfg = load_config(str(write_project(tiny_llama, data={"max_length": 256})))  # prompts of their own lengths
     model, tokenizer = models.load_model(cfg, str(tiny_llama))
     model = models.attach_lora(model, cfg)
-    collate = train.training_collator(cfg, model, tokenizer)
+    collate = training_collator(cfg, model, tokenizer)
     examples = data.training_examples(data.prepare(cfg).splits["train"], tokenizer, cfg)
     by_prompt_length = {e["labels"].count(data.IGNORE_INDEX): e for e in examples}  # rows whose labels start apart
     assert len(by_prompt_length) >= 2
@@ -389,9 +392,9 @@ def test_the_head_and_loss_skip_positions_without_labels(tiny_llama, write_proje
 ])
 def test_each_training_key_reaches_the_trainer(tiny_llama, write_project, key, value, attribute, expected):
     cfg = load_config(str(write_project(tiny_llama)), [f"{key}={value}"])
-    arguments = train.training_arguments(cfg, Path("out"), bf16=False)
+    arguments = training_arguments(cfg, Path("out"), bf16=False)
     assert getattr(arguments, attribute) == expected
-    default = train.training_arguments(load_config(str(write_project(tiny_llama, "default.yaml"))), Path("out"), False)
+    default = training_arguments(load_config(str(write_project(tiny_llama, "default.yaml"))), Path("out"), False)
     assert getattr(default, attribute) != expected  # the value above is not the default: the check can fail
 
 

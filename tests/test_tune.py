@@ -19,8 +19,11 @@ import optuna
 import pytest
 from helpers import assert_one_line_error, runs_of
 
-from loraflow import LoraflowError, studies, train, tune
+from loraflow import LoraflowError, studies
+from loraflow.training.callback import Interrupted
+from loraflow.training.checkpoints import COMPLETE_MARKER
 from loraflow.config import load_config
+from loraflow.stages import train, tune
 
 
 @pytest.fixture
@@ -294,7 +297,7 @@ def checkpointed_trial(study_name: str, pid: int):
     for trial in trials:
         if trial.user_attrs.get("worker_pid") == pid and "mlflow_run_id" in trial.user_attrs:
             output_dir = mlflow.get_run(trial.user_attrs["mlflow_run_id"]).data.tags.get("loraflow.output_dir")
-            if output_dir and any(Path(output_dir).glob(f"checkpoint-*/{train.COMPLETE_MARKER}")):
+            if output_dir and any(Path(output_dir).glob(f"checkpoint-*/{COMPLETE_MARKER}")):
                 return trial
     return None
 
@@ -351,7 +354,7 @@ def test_an_interrupted_trial_runs_again_in_the_next_worker(tune_project, monkey
     real_run = train.run
 
     def interrupted(cfg, **kwargs):
-        raise train.Interrupted(signal.SIGTERM, kwargs["run_id"])
+        raise Interrupted(signal.SIGTERM, kwargs["run_id"])
     monkeypatch.setattr(train, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tune.run(cfg, n_trials=1)

@@ -67,9 +67,9 @@ def prepare(cfg, store):
 
     Logs row counts (read, dropped by reason, kept, per split), samples and the datasets to MLflow.
     """
-    from loraflow import data
+    from loraflow.stages import prepare as prepare_stage
 
-    prepared = data.run(cfg, store)
+    prepared = prepare_stage.run(cfg, store)
     counts = ", ".join(f"{k.removeprefix('rows_')}={v}" for k, v in prepared.counts.items())
     click.echo(f"prepared {prepared.source}: {counts}")
 
@@ -89,8 +89,9 @@ def train(cfg, store, resume, run_id, nproc):
     With --nproc N (or under torchrun), N processes train it by data parallelism (FSDP or DeepSpeed
     per train.fsdp / train.deepspeed) and rank 0 alone logs: see docs/distributed.md.
     """
-    from loraflow import distributed, tracking
-    from loraflow import train as train_stage
+    from loraflow import tracking
+    from loraflow.stages import train as train_stage
+    from loraflow.training import distributed
 
     if nproc > 1:
         code, error = distributed.launch(rank_arguments(click.get_current_context().params), nproc, store)
@@ -127,7 +128,7 @@ def evaluate(cfg, store, run_id, model_uri, adapter):
     Generates with both on the test split over eval.seeds and logs base/, tuned/ and delta/ metrics
     with bootstrap intervals, per-item details and a chart.
     """
-    from loraflow import evaluate as evaluate_stage
+    from loraflow.stages import evaluate as evaluate_stage
 
     result = evaluate_stage.run(cfg, store=store, run_id=run_id, model_uri=model_uri, adapter_dir=adapter)
     click.echo(f"run {result.run_id}: {evaluate_stage.summary_line(result.summary)}")
@@ -145,7 +146,7 @@ def tune(cfg, store, n_trials, study_name, storage):
     An Optuna study (TPE, pruning on validation loss); every trial is a training run nested under
     one study run, which is tagged with the best trial and gets the study plots.
     """
-    from loraflow import tune as tune_stage
+    from loraflow.stages import tune as tune_stage
 
     result = tune_stage.run(cfg, store=store, n_trials=n_trials, study_name=study_name, storage=storage)
     click.echo(result.table)
@@ -164,7 +165,7 @@ def register(cfg, store, from_run, from_study, force):
     Merges into the full-precision base, evaluates against the base (and the current champion) and
     registers a pyfunc model with the alias only if it wins (--force overrides).
     """
-    from loraflow import registry
+    from loraflow.stages import register as registry
 
     result = registry.run(cfg, store=store, from_run=from_run, from_study=from_study, force=force)
     click.echo(result.message)
@@ -193,10 +194,10 @@ def serve(cfg, store, host, port, model_uri, workers, timeout, chat, dockerfile)
     curl -s localhost:5001/invocations -H "Content-Type: application/json" \\
       -d '{"messages": [{"role": "user", "content": "Blue mug"}], "max_tokens": 32, "temperature": 0}'
     """
-    from loraflow import serving
+    from loraflow.stages import serve as serve_stage
 
-    serving.run(cfg, store, host=host, port=port, model_uri=model_uri, workers=workers, timeout=timeout,
-                chat=chat, dockerfile=dockerfile)
+    serve_stage.run(cfg, store, host=host, port=port, model_uri=model_uri, workers=workers, timeout=timeout,
+                    chat=chat, dockerfile=dockerfile)
 
 
 @cli.command()
@@ -209,7 +210,7 @@ def pipeline(cfg, store, serve_check):
     prepare -> train (or tune, when tune.enabled) -> evaluate -> register, each a nested run under
     one parent run; a step whose inputs did not change is reused instead of redone.
     """
-    from loraflow import pipeline as pipeline_stage
+    from loraflow.stages import pipeline as pipeline_stage
 
     result = pipeline_stage.run(cfg, store=store, serve_check=serve_check)
     click.echo(pipeline_stage.summary_text(cfg, store, result))
@@ -237,10 +238,10 @@ def predict(cfg, store, prompts, model_uri, max_new_tokens, temperature):
     \b
     loraflow predict quickstart "Write a product description for: Oak desk lamp"
     """
-    from loraflow import serving
+    from loraflow.stages import serve as serve_stage
 
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "do_sample": temperature > 0}
-    for answer in serving.predict(cfg, store, list(prompts), model_uri=model_uri, params=params):
+    for answer in serve_stage.predict(cfg, store, list(prompts), model_uri=model_uri, params=params):
         click.echo(answer)
 
 
@@ -260,7 +261,7 @@ def runs(cfg, store, limit, evaluations, json_path):
     import json
     from pathlib import Path
 
-    from loraflow import compare
+    from loraflow.stages import runs as compare
 
     if not evaluations:
         click.echo(compare.table_text(compare.training_rows(store, limit)))

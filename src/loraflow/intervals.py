@@ -134,15 +134,23 @@ def corpus_bleu_delta_interval(
     )
     per_seed = corpus_bleu_from_statistics(tuned.sum(axis=1)) - corpus_bleu_from_statistics(base.sum(axis=1))
     point = float(np.mean(per_seed))
-    indices = _resampled_items(len(references), samples, seed)
+    resampled = _resampled_bleu_deltas(base, tuned, _resampled_items(len(references), samples, seed))
+    return _percentile_interval(point, resampled, confidence)
+
+
+def _resampled_bleu_deltas(base, tuned, indices):
+    """Per resample (a row of `indices`), the mean over seeds of corpus BLEU tuned - base on the drawn items, from
+    (seeds, items, statistics) arrays."""
+    import numpy as np
+
+    samples, items = indices.shape[0], base.shape[1]
     # How often each item is drawn per resample: summing statistics becomes a matmul.
-    draws = np.zeros((samples, len(references)), dtype=np.int64)
+    draws = np.zeros((samples, items), dtype=np.int64)
     np.add.at(draws, (np.arange(samples)[:, None], indices), 1)
-    resampled = np.mean(
+    return np.mean(
         [corpus_bleu_from_statistics(draws @ t) - corpus_bleu_from_statistics(draws @ b) for b, t in zip(base, tuned)],
         axis=0,
     )
-    return _percentile_interval(point, resampled, confidence)
 
 
 def corpus_bleu_interval(

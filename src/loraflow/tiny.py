@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loraflow.catalogue import catalogue_rows
+from loraflow.data.catalogue import catalogue_rows
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -33,13 +33,12 @@ from dataclasses import dataclass, field
 
 import mlflow
 
-from loraflow import LoraflowError, models, say, tracking, train, warn
+from loraflow import LoraflowError, models, say, tracking, warn
 from loraflow.config import Config, tune_problems, with_values
-from loraflow.studies import (end_trial_run, fail_dead_trials, open_storage, open_study, queue_retry,
-                              seeded_sampler, storage_url, target_keeper, trial_counts, trials_toward_target,
-                              worker_threads)
+from loraflow.stages import train
+from loraflow.studies import (end_trial_run, fail_dead_trials, open_storage, open_study, queue_retry, seeded_sampler,
+                              storage_url, target_keeper, trial_counts, trials_toward_target, worker_threads)
 from loraflow.tracking import EVAL_LOSS, Tags, first_line, redact
-
 
 
 @dataclass
@@ -142,7 +141,7 @@ def train_and_score(trial, trial_cfg: Config, store: tracking.Store, run_id: str
         if math.isnan(result.eval_loss):
             raise LoraflowError("no validation rows for eval/loss: set data.val_fraction > 0")
         return result.eval_loss
-    from loraflow import evaluate  # the objective is the evaluate stage's metric, run nested in the trial
+    from loraflow.stages import evaluate  # the objective is the evaluate stage's metric, run nested in the trial
 
     with mlflow.start_run(run_id=run_id, nested=True):
         summary = evaluate.run(trial_cfg, store=store, run_id=run_id, parent_run_id=run_id, tags=tags).summary

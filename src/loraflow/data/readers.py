@@ -22,8 +22,8 @@ import re
 from pathlib import Path
 
 from loraflow import LoraflowError
-from loraflow.catalogue import catalogue_rows
 from loraflow.config import Config
+from loraflow.data.catalogue import catalogue_rows
 
 SUFFIX_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv", ".txt": "txt",
                   ".md": "txt", "": "txt", ".parquet": "parquet", ".arrow": "arrow"}

@@ -30,9 +30,6 @@ from loraflow.config import Config
 from loraflow.tracking import EVAL_LOSS, Tags, role_key
 
 PREVIOUS_ALIAS = "previous"
-# Version tag: the URI of the chat flavour logged beside the pyfunc (`loraflow serve --chat` serves it).
-# Here until it joins tracking.Tags with the rest of the run contract.
-CHAT_MODEL_TAG = "loraflow.chat_model_uri"
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
@@ -141,7 +138,7 @@ def champion_score(cfg: Config, champion) -> float | None:
 def evaluate_merged(cfg: Config, store: tracking.Store, source_run_id: str, merged_dir: Path, register_run_id: str,
                     prepared=None, base_path: str | None = None) -> dict:
     """The evaluate stage on the merged folder vs the base, as a run nested in the register run."""
-    from loraflow import evaluate  # the gate is an evaluation: the same stage, run nested
+    from loraflow.stages import evaluate  # the gate is an evaluation: the same stage, run nested
 
     result = evaluate.run(cfg, store=store, run_id=source_run_id, model_dir=merged_dir, parent_run_id=register_run_id,
                           tags={Tags.GATE_FOR_RUN_ID: source_run_id}, prepared=prepared, base_path=base_path)
@@ -307,7 +304,7 @@ def run(cfg: Config, *, store: tracking.Store | None = None, from_run: str | Non
             card = model_card(cfg, source, summary, from_study)
             labels = version_tags(cfg, source, summary, from_study, force and not passed, active.info.run_id)
             if chat is not None:
-                labels[CHAT_MODEL_TAG] = chat.model_uri
+                labels[Tags.CHAT_MODEL_URI] = chat.model_uri
             version, previous = register_version(cfg, store, info.model_uri, labels, card,
                                                  probe_prompt(cfg, prepared))
             mlflow.set_tag(Tags.REGISTERED_VERSION, version.version)

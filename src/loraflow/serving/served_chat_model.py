@@ -4,7 +4,7 @@
     curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Oak desk"}], "max_tokens": 64, "temperature": 0}'
 
-MLflow loads this file (models from code, like served_model.py); serving.log_chat_model logs it
+MLflow loads this file (models from code, like served_model.py); pyfunc.log_chat_model logs it
 with the same merged folder and saved settings as the TextGenerator. A request maps to generation
 as follows:
 - messages: text content with the roles system, user and assistant, the last one the user's. Without
@@ -20,7 +20,7 @@ as follows:
   for the greedy answer); the seed is custom_inputs.seed (0 to 2**32 - 1, default 0) because
   MLflow's chat schema drops a top-level `seed`; stop: up to 4 strings, cut from the answer.
 - n other than 1, stream, tools, top_k and non-zero penalties are HTTP 400, as is any bound; the
-  request's budget, the lock and the 503 / 504 / 500 answers are the TextGenerator's (serving.py).
+  request's budget, the lock and the 503 / 504 / 500 answers are the TextGenerator's (text_model.py, requests.py).
 - the answer: one choice, finish_reason "length" when max_tokens ran out first, else "stop"; usage
   counts the rendered prompt's tokens and the generated ones (the end-of-turn token included).
 """
@@ -34,8 +34,10 @@ import warnings
 import mlflow
 from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage, ChatParams, TokenUsageStats
 
-from loraflow import serving
-from loraflow.serving import invalid
+from loraflow.serving.batching import model_thread, run_in_turn
+from loraflow.serving.requests import (checked_params, context_length, cut_from_left, invalid, request_budget,
+                                       request_config)
+from loraflow.serving.text_model import load_served_model
 
 ROLES = ("system", "user", "assistant")
 MAX_MESSAGES = 256  # messages per request
@@ -62,7 +64,7 @@ def checked_messages(messages: list[ChatMessage], system_prompt: str) -> list[di
 
 
 def checked_settings(params: ChatParams, default_max_tokens: int, cap: int) -> dict:
-    """serving.checked_params' settings from the chat params (max_tokens, temperature, top_p, seed); 400 otherwise."""
+    """requests.checked_params' settings from the chat params (max_tokens, temperature, top_p, seed); 400 otherwise."""
     unsupported = {"n": params.n != 1, "stream": params.stream, "tools": bool(params.tools),
                    "top_k": params.top_k is not None, "frequency_penalty": bool(params.frequency_penalty),
                    "presence_penalty": bool(params.presence_penalty)}
@@ -73,7 +75,7 @@ def checked_settings(params: ChatParams, default_max_tokens: int, cap: int) -> d
     if isinstance(max_tokens, bool) or not 1 <= max_tokens <= cap:
         raise invalid(f"max_tokens must be between 1 and {cap}, got {max_tokens}")
     seed = (params.custom_inputs or {}).get("seed", 0)
-    return serving.checked_params({"max_new_tokens": max_tokens, "temperature": params.temperature,
+    return checked_params({"max_new_tokens": max_tokens, "temperature": params.temperature,
                                    "top_p": 1.0 if params.top_p is None else params.top_p,
                                    "do_sample": params.temperature > 0, "seed": seed}, cap)
 
@@ -123,7 +125,7 @@ def fit_conversation(tokenizer, conversation: list[dict], room: int | None) -> l
     def with_last(text: str) -> list[dict]:
         return system + [{"role": "user", "content": text}]
 
-    fitted = serving.cut_from_left(tokenizer, turns[-1][-1]["content"], room,
+    fitted = cut_from_left(tokenizer, turns[-1][-1]["content"], room,
                                    lambda text: len(render(with_last(text))))
     if fitted is None:
         raise invalid(f"no room for the conversation: the model reads {room} tokens besides the answer and the "
@@ -147,20 +149,20 @@ class ChatGenerator(mlflow.pyfunc.ChatModel):
     def load_context(self, context):
         from loraflow import generation
 
-        self.cfg, self.model, self.tokenizer = serving.load_served_model(context)
-        self.context_tokens = serving.context_length(self.model, self.tokenizer)
+        self.cfg, self.model, self.tokenizer = load_served_model(context)
+        self.context_tokens = context_length(self.model, self.tokenizer)
         self.stop_ids = generation.stop_token_ids(self.model, self.tokenizer)
         self.lock = threading.Lock()
-        self.thread = serving.model_thread()
+        self.thread = model_thread()
 
     def predict(self, context, messages: list[ChatMessage], params: ChatParams) -> ChatCompletionResponse:
         started = time.monotonic()
-        budget = serving.request_budget()
+        budget = request_budget()
         cap = self.cfg.registry.max_new_tokens_cap
         conversation = checked_messages(messages, self.cfg.data.system_prompt)
         settings = checked_settings(params, min(self.cfg.eval.max_new_tokens, cap), cap)
         stop = checked_stop(params.stop)
-        return serving.run_in_turn(self.lock, started, budget,
+        return run_in_turn(self.lock, started, budget,
                                    lambda deadline: self.complete(conversation, settings, stop, deadline),
                                    hint="send a smaller max_tokens", thread=self.thread)
 
@@ -172,7 +174,7 @@ class ChatGenerator(mlflow.pyfunc.ChatModel):
         room = None if self.context_tokens is None else self.context_tokens - max_tokens
         prompt_ids = fit_conversation(self.tokenizer, conversation, room)
         new_ids = generation.generate_from_ids(self.model, self.tokenizer, prompt_ids,
-                                               serving.request_config(self.cfg, settings), seed=settings["seed"],
+                                               request_config(self.cfg, settings), seed=settings["seed"],
                                                deadline=deadline, stop_strings=stop or None)
         text, finish_reason = answer_of(self.tokenizer, new_ids, self.stop_ids, stop, max_tokens)
         return ChatCompletionResponse(

@@ -117,7 +117,7 @@ def prepare_step(ctx: Context) -> Step:
 
 
 def train_step(ctx: Context) -> Step:
-    from loraflow import train
+    from loraflow.stages import train
 
     return get_or_run(ctx, "train", "", lambda tags: train.run(
         ctx.cfg, store=ctx.store, parent_run_id=ctx.parent_run_id, tags=tags, prepared=ctx.prepared,
@@ -126,7 +126,7 @@ def train_step(ctx: Context) -> Step:
 
 def tune_step(ctx: Context) -> Step:
     """The Optuna study as one step; its best trial is the training run the next steps judge."""
-    from loraflow import tune
+    from loraflow.stages import tune
 
     def runner(tags):
         study_name = ctx.cfg.tune.study_name or f"{ctx.cfg.name}-{tags[Tags.STEP_KEY]}"
@@ -142,7 +142,7 @@ def tune_step(ctx: Context) -> Step:
 
 def evaluate_step(ctx: Context, trained_run_id: str | None) -> Step:
     """Base vs the trained adapter; with no training run, the base model alone (a zero-shot baseline)."""
-    from loraflow import evaluate
+    from loraflow.stages import evaluate
 
     if trained_run_id is None:
         base_dir = local_model_folder(ctx.base_path)
@@ -155,7 +155,7 @@ def evaluate_step(ctx: Context, trained_run_id: str | None) -> Step:
 
 
 def register_step(ctx: Context, trained_run_id: str) -> Step:
-    from loraflow import registry
+    from loraflow.stages import register as registry
 
     step = get_or_run(ctx, "register", trained_run_id, lambda tags: registry.run(
         ctx.cfg, store=ctx.store, from_run=trained_run_id, parent_run_id=ctx.parent_run_id, tags=tags,
@@ -284,7 +284,8 @@ def free_port() -> int:
 
 def check_serving(cfg: Config, store: tracking.Store, prepared: data.PreparedData) -> str | None:
     """Start `mlflow models serve` with the champion on a free port, ask one prompt, stop the server."""
-    from loraflow import registry, serving
+    from loraflow import serving
+    from loraflow.stages import register as registry
 
     if registry.current_champion(cfg, store) is None:
         say(f"serve check skipped: no {cfg.model_name}@{cfg.registry.alias} to serve")

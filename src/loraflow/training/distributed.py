@@ -8,6 +8,7 @@ others learn what it decided through Ranks.from_main and Ranks.reduce. See docs/
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -70,8 +71,6 @@ def launch(argv: list[str], nproc: int, store: tracking.Store) -> tuple[int, str
     to each rank) and one `error:` line. Rank 0 writes to this terminal, the others to log files; the ranks
     find the store and experiment in MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID.
     """
-    import logging
-
     import torch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -89,6 +88,25 @@ def launch(argv: list[str], nproc: int, store: tracking.Store) -> tuple[int, str
     environment = {"MLFLOW_TRACKING_URI": store.uri, "MLFLOW_EXPERIMENT_ID": store.experiment_id,
                    # CPU ranks share the cores (torchrun's own default is 1 thread each)
                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // nproc))}
+    with agent_settings(environment):
+        try:
+            torchrun(parse_args(options))  # what `python -m torch.distributed.run` does, without its @record
+            code, error = 0, ""
+        except SignalException as exc:  # this process got the signal; the agent passed it on and waited
+            code, error = 128 + int(exc.sigval), ""
+        except ChildFailedError as exc:
+            code, error = failed_job(exc.failures, logs)
+    if not error:
+        shutil.rmtree(logs, ignore_errors=True)
+    return code, error
+
+
+@contextlib.contextmanager
+def agent_settings(environment: dict):
+    """While inside: `environment` set, torch's elastic agent quiet (unless LORAFLOW_DEBUG), and the agent free to
+    install its signal handlers; all as before on leaving."""
+    import logging
+
     before = {name: os.environ.get(name) for name in environment}
     handlers = {signum: signal.getsignal(signum) for signum in AGENT_SIGNALS}
     agent_log = logging.getLogger("torch.distributed.elastic")
@@ -96,12 +114,7 @@ def launch(argv: list[str], nproc: int, store: tracking.Store) -> tuple[int, str
     agent_log.setLevel(logging.INFO if os.environ.get("LORAFLOW_DEBUG") else logging.ERROR)
     os.environ.update(environment)
     try:
-        torchrun(parse_args(options))  # what `python -m torch.distributed.run` does, without its @record
-        code, error = 0, ""
-    except SignalException as exc:  # this process got the signal; the agent passed it on and waited
-        code, error = 128 + int(exc.sigval), ""
-    except ChildFailedError as exc:
-        code, error = failed_job(exc.failures, logs)
+        yield
     finally:
         agent_log.setLevel(level)
         for signum, handler in handlers.items():
@@ -111,9 +124,6 @@ def launch(argv: list[str], nproc: int, store: tracking.Store) -> tuple[int, str
                 del os.environ[name]
             else:
                 os.environ[name] = value
-    if not error:
-        shutil.rmtree(logs, ignore_errors=True)
-    return code, error
 
 
 def failed_job(failures: dict, logs: Path) -> tuple[int, str]:

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from loraflow.dropout import SixteenBitDropout
+from loraflow.kernels.dropout import SixteenBitDropout
 
 
 def install(model) -> int:

@@ -1,0 +1,118 @@
+"""Loading a model and its tokenizer: the compute dtype this machine runs natively, nf4 / int8 / none.
+
+    model, tokenizer = load_model(cfg, path)     # quantised per cfg (a quantised copy kept on the CPU)
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from loraflow import LoraflowError
+from loraflow.config import Config
+from loraflow.models.quantized import load_quantized
+from loraflow.models.resolve import model_class
+
+
+def compute_dtype(cfg: Config):
+    """The torch dtype to compute in: bf16 where the GPU or CPU has native support, else fp32."""
+    import torch
+
+    choice = cfg.model.dtype
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+
+
+def saved_dtype(folder) -> "torch.dtype | None":
+    """The dtype a model folder's weights were saved in (its config.json), or None when it does not say."""
+    import json
+
+    import torch
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype")
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def quantization_config(cfg: Config):
+    import transformers
+
+    if cfg.model.quantization == "nf4":
+        return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=compute_dtype(cfg))
+    if cfg.model.quantization == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved in the folder `path`, with a pad token. Shared: the process loads it once while the
+    folder's files stay the same (tune's trials, a pipeline's stages: 0.25 s a load), so callers must not change it."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return read_tokenizer(path)
+    files = sorted((f.name, f.stat()) for f in folder.iterdir() if f.is_file())
+    return shared_tokenizer(str(folder.resolve()), tuple((name, s.st_mtime_ns, s.st_size) for name, s in files))
+
+
+@functools.lru_cache(maxsize=8)
+def shared_tokenizer(folder: str, stamp: tuple):
+    """read_tokenizer(folder), kept per (folder, stamp of its files)."""
+    return read_tokenizer(folder)
+
+
+def read_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise LoraflowError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if cleanup_skipped_for_bpe(tokenizer):
+        tokenizer.clean_up_tokenization_spaces = False  # the same text; no warning from every process that decodes
+    return tokenizer
+
+
+def cleanup_skipped_for_bpe(tokenizer) -> bool:
+    """Whether transformers skips `tokenizer`'s clean_up_tokenization_spaces (it does for a BPE model, unless
+    forced: the cleanup would strip spaces before punctuation) and warns that it does, as SmolLM2's asks for it."""
+    backend_model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    return bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)) and type(backend_model).__name__ == "BPE" \
+        and not getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+
+
+def load_model(cfg: Config, path: str, *, quantize: bool = True, dtype=None):
+    """(model, tokenizer) for `path`, quantised per model.quantization unless quantize=False."""
+    import torch
+
+    quant = quantization_config(cfg) if quantize else None
+    dtype = dtype or compute_dtype(cfg)
+    kwargs = {"dtype": dtype if quant is None else (torch.float32 if cfg.model.quantization == "int8" else dtype)}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        if quant is not None and not torch.cuda.is_available():
+            model = load_quantized(cfg, path, kwargs)
+        else:
+            model = model_class(cfg).from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LoraflowError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
+    if quant is None and torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, load_tokenizer(path)

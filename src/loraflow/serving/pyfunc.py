@@ -1,0 +1,87 @@
+"""Logging a merged model as loraflow's pyfunc (and its chat flavour): signature, requirements, code.
+
+    info = log_model(cfg, merged_dir)           # in the active run; register registers info.model_uri
+    if has_chat_flavour(cfg, merged_dir): log_chat_model(cfg, merged_dir)
+
+The models are logged from code (served_model.py, served_chat_model.py) with loraflow's own source as
+code_paths, so the serving environment needs only the pip requirements, not loraflow.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import pandas as pd  # mlflow.pyfunc has imported it already
+
+from loraflow.config import Config
+from loraflow.serving.requests import GENERATION_DEFAULTS, PARAM_TYPES
+from loraflow.serving.text_model import saved_settings
+
+SERVING_DIR = Path(__file__).resolve().parent  # the files MLflow loads a model from (models from code)
+PACKAGE_DIR = SERVING_DIR.parent  # loraflow's source, logged with every model as code_paths
+
+
+def model_signature(cfg: Config):
+    """Input: a string `prompt` column; output: a string; params: the generation settings."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    max_new_tokens = min(cfg.eval.max_new_tokens, cfg.registry.max_new_tokens_cap)
+    defaults = {**GENERATION_DEFAULTS, "max_new_tokens": max_new_tokens, "temperature": cfg.eval.temperature,
+                "top_p": cfg.eval.top_p, "do_sample": cfg.eval.temperature > 0}
+    params = ParamSchema([ParamSpec(name, PARAM_TYPES[name], value) for name, value in defaults.items()])
+    return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
+                          params=params)
+
+
+def pip_requirements() -> list[str]:
+    """The serving environment: the installed versions of what `TextGenerator` imports."""
+    from importlib.metadata import version
+
+    def base(name):
+        return version(name).split("+")[0]
+    return [f"mlflow=={base('mlflow')}", f"torch=={base('torch')}", f"transformers=={base('transformers')}",
+            f"tokenizers=={base('tokenizers')}", f"safetensors=={base('safetensors')}", "pandas", "pyyaml", "tqdm"]
+
+
+def log_model(cfg: Config, merged_dir: str | Path, name: str = "model"):
+    """Log the merged folder as a `TextGenerator` pyfunc in the active run; returns the ModelInfo.
+
+    The model is logged from code (served_model.py) with an input example; loraflow's own source goes
+    along as code_paths, so the serving environment needs only the pip requirements, not loraflow.
+    """
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=str(SERVING_DIR / "served_model.py"), artifacts={"model": str(merged_dir)},
+        signature=model_signature(cfg), input_example=pd.DataFrame({"prompt": ["Hello"]}),
+        pip_requirements=pip_requirements(), model_config=saved_settings(cfg), code_paths=[str(PACKAGE_DIR)])
+
+
+def has_chat_flavour(cfg: Config, model_dir: str | Path) -> bool:
+    """Whether the model in `model_dir` is also logged as a chat model: prompts go through its tokenizer's
+    chat template (a causal model, data.chat_template, a template in the tokenizer)."""
+    from loraflow import data, models
+
+    return data.uses_chat_template(models.load_tokenizer(str(model_dir)), cfg)
+
+
+def log_chat_model(cfg: Config, merged_dir: str | Path, name: str = "chat_model"):
+    """Log the merged folder as a `ChatGenerator` (served_chat_model.py) in the active run; returns the ModelInfo.
+
+    The same artifact, settings, requirements and code as `log_model`; MLflow sets the chat signature
+    and, while logging, loads the model and answers the input example once (one token here).
+    """
+    example = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1, "temperature": 0.0, "n": 1,
+               "stream": False}
+    # MLflow warns that ChatParams' defaults for temperature, n and stream will go for any input example
+    # with params (pyfunc save_model), even one that sets all three, as this one does.
+    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
+    quiet = lambda record: "Default values for temperature, n and stream" not in record.getMessage()  # noqa: E731
+    pyfunc_logger.addFilter(quiet)
+    try:
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=str(SERVING_DIR / "served_chat_model.py"), artifacts={"model": str(merged_dir)},
+            input_example=example, pip_requirements=pip_requirements(), model_config=saved_settings(cfg),
+            code_paths=[str(PACKAGE_DIR)])
+    finally:
+        pyfunc_logger.removeFilter(quiet)
