@@ -1,6 +1,6 @@
 """`loraflow train --nproc 2`: one run for the job, trained like one process with twice the batch.
 
-    pytest tests/test_distributed.py -s     # -s also prints the 1 vs 2 process tokens/s of docs/distributed.md
+    pytest tests/training/test_distributed.py -s     # -s also prints the 1 vs 2 process tokens/s of docs/distributed.md
 
 Two CPU processes (gloo) share this machine's cores; each gets cores // 2 threads (the launcher sets
 OMP_NUM_THREADS). Skips where torch.distributed has no gloo backend.

@@ -16,7 +16,7 @@ from loraflow.config import (SECTIONS, Config, ConfigError, LrScheduler, describ
                              load_config, with_values)
 from loraflow.config.loading import type_problem
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROJECT_FILES = sorted((REPO / "projects").glob("*/*.yaml"))
 STAGES = ("prepare", "train", "evaluate", "tune", "register", "serve", "pipeline")
 

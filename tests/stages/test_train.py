@@ -23,7 +23,7 @@ from loraflow.training.trainer import training_arguments, training_collator
 from loraflow.config import load_config
 from loraflow.stages import train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 
