@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -207,9 +208,9 @@ def test_gguf_file_converts_once_to_a_cached_folder(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "models").is_dir() and folder.startswith(str(tmp_path / "cache"))
     tokenizer = models.load_tokenizer(folder)
     assert tokenizer.eos_token == "<|im_end|>"
-    mtime = (models.Path(folder) / "config.json").stat().st_mtime
+    mtime = (Path(folder) / "config.json").stat().st_mtime
     assert models.resolve_model_path(str(gguf)) == folder
-    assert (models.Path(folder) / "config.json").stat().st_mtime == mtime
+    assert (Path(folder) / "config.json").stat().st_mtime == mtime
 
 
 def attention_config(tiny_llama, kind: str = "causal"):
