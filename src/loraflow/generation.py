@@ -15,7 +15,8 @@ from loraflow import data, models
 from loraflow.config import Config
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
-
+# fp32 logits one validation-loss forward may make (transformers' loss adds about two copies of them)
+LOSS_LOGITS_BYTES = 1 << 30
 
 def stop_token_ids(model, tokenizer) -> list[int]:
     """eos ids of the generation config and tokenizer plus any end-of-turn token the vocabulary has."""
@@ -124,18 +125,49 @@ def validation_loss(model, tokenizer, rows: list[dict], cfg: Config) -> float:
 
     examples = data.training_examples(rows, tokenizer, cfg)
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX)
+    per_token = False
     if cfg.model.kind == "causal" and models.takes_logits_to_keep(model):
         # the same loss, without the head on prompt positions
-        collate = data.head_on_labelled_positions(collate, per_token=models.head_on_labelled_tokens(model))
+        per_token = models.head_on_labelled_tokens(model)
+        collate = data.head_on_labelled_positions(collate, per_token=per_token)
     total, count = 0.0, 0
-    for start in range(0, len(examples), cfg.eval.batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(examples[start:start + cfg.eval.batch_size]).items()}
+    for rows in loss_batches(examples, cfg.eval.batch_size, vocabulary_size(model), labelled_only=per_token):
+        batch = {k: v.to(model.device) for k, v in collate(rows).items()}
         with torch.inference_mode():
             loss = model(**batch).loss
         labels = batch["labels"] if cfg.model.kind == "seq2seq" else batch["labels"][:, 1:]
         tokens = int((labels != data.IGNORE_INDEX).sum())
         total, count = total + float(loss) * tokens, count + tokens
     return total / count if count else float("nan")
+
+
+def vocabulary_size(model) -> int:
+    """Logits per position: the output embedding's rows (the text config's vocab_size where there is none)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+def loss_batches(examples: list[dict], batch_size: int, vocabulary: int, labelled_only: bool = False) -> list:
+    """`examples` in batches of eval.batch_size rows, a batch cut into fewer rows where its fp32 logits would pass
+    LOSS_LOGITS_BYTES: every padded position has logits, or with `labelled_only` (the head on labelled tokens
+    alone) only the labelled ones. Continued pretraining labels every token: at 2048 positions and a 128k
+    vocabulary one row's logits take 1 GiB, so 16 rows would take 17 GB, plus the loss's copies."""
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        rows = examples[start:start + batch_size]
+        longest = max(len(row["input_ids"]) for row in rows)
+        part, positions = [], 0
+        for row in rows:
+            row_positions = sum(label != data.IGNORE_INDEX for label in row["labels"]) if labelled_only else longest
+            if part and (positions + row_positions) * vocabulary * 4 > LOSS_LOGITS_BYTES:
+                batches.append(part)
+                part, positions = [], 0
+            part.append(row)
+            positions += row_positions
+        batches.append(part)
+    return batches
 
 
 def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
