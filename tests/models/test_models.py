@@ -280,3 +280,43 @@ def test_under_cpu_autocast_lora_inputs_skip_peft_casts_with_the_same_loss_and_g
     with torch.no_grad():
         assert torch.isfinite(model.eval()(**batch).loss)
     assert set(seen) == {torch.float32} and len(seen) == 14  # no autocast: PEFT casts to the adapter's fp32
+
+
+def random_adapter(base_path, folder):
+    """An adapter on the tiny base with random B matrices (PEFT starts them at zero: a merge would change nothing)."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft.get_peft_model(base, config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("merge_dtype", ["fp32", "bf16"])
+def test_a_merge_runs_on_the_cpu_and_equals_a_merge_in_fp32(tiny_llama, tmp_path, monkeypatch, merge_dtype):
+    """Every weight as PEFT's merge of the fp32 base rounds it, and nothing goes to a GPU even when one is visible
+    (an 8B base in fp32 would not fit a 24 GB card)."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    adapter = random_adapter(tiny_llama, tmp_path / "adapter")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[merge_dtype]
+    reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                                               str(adapter)).merge_and_unload().to(dtype).state_dict()
+    cfg = from_dict({"name": "tiny", "model": {"name": str(tiny_llama), "dtype": "fp32"}, "data": {"path": "x.jsonl"},
+                     "registry": {"merge_dtype": merge_dtype}})
+    from loraflow.models import loading
+
+    with monkeypatch.context() as patched:
+        patched.setattr(loading, "default_device", lambda: "cuda")  # as on a GPU machine: moving there fails here
+        merged_dir = models.merge_adapter(cfg, str(tiny_llama), adapter, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).state_dict()
+    assert merged.keys() == reference.keys()
+    changed = [name for name in reference if "proj" in name and not torch.equal(reference[name], merged[name])]
+    assert not changed, changed
+    assert all(merged[name].dtype == dtype for name in merged)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).state_dict()
+    assert not torch.equal(base["model.layers.0.self_attn.q_proj.weight"].to(dtype),
+                           merged["model.layers.0.self_attn.q_proj.weight"])  # the adapter did change the weights

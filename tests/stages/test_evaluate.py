@@ -290,3 +290,25 @@ def test_eval_split_validation_answers_the_validation_rows(tiny_llama, write_pro
     assert [d["prompt"] for d in details_of(run.info.run_id)] == [row["prompt"] for row in validation[:5]]
     code, _, err = run_cli("evaluate", project, "--set", "eval.split=test")
     assert_one_line_error(code, err, "no test split: set data.test_fraction > 0 (or eval.split=validation)")
+
+
+def test_a_merged_model_is_judged_with_one_full_model_in_memory(tiny_llama, write_project, monkeypatch):
+    """The base is gone before the merged model loads (the gate of an 8B model cannot hold both on one card)."""
+    import gc
+    import weakref
+
+    loaded = []
+    original = models.load_model
+
+    def remembering(*args, **kwargs):
+        gc.collect()
+        alive = [ref() is not None for ref in loaded]
+        model, tokenizer = original(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        alive_at_load.append(alive)
+        return model, tokenizer
+
+    alive_at_load: list[list[bool]] = []
+    monkeypatch.setattr(models, "load_model", remembering)
+    evaluate.run(load_config(str(write_project(tiny_llama))), model_dir=tiny_llama)  # as register's gate does
+    assert alive_at_load == [[], [False]], alive_at_load

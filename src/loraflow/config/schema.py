@@ -190,7 +190,8 @@ class RegistryConfig:
     alias: str = opt("champion", "alias of the promoted version")
     gate_metric: str = opt("rougeL", "what must improve to register: loss, perplexity or one of eval.metrics")
     min_improvement: float = opt(0.0, "smallest improvement over the base model that promotes")
-    merge_dtype: typing.Literal["fp32", "fp16", "bf16"] = opt("fp32", "dtype of the base the adapter merges into")
+    merge_dtype: typing.Literal["fp32", "fp16", "bf16"] = opt(
+        "fp32", "dtype of the merged model register saves (merged on the CPU, each layer in fp32)")
     max_new_tokens_cap: int = opt(512, "most tokens one serving request may generate")
 
 

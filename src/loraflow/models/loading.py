@@ -97,8 +97,9 @@ def cleanup_skipped_for_bpe(tokenizer) -> bool:
         and not getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
 
 
-def load_model(cfg: Config, path: str, *, quantize: bool = True, dtype=None):
-    """(model, tokenizer) for `path`, quantised per model.quantization unless quantize=False."""
+def load_model(cfg: Config, path: str, *, quantize: bool = True, dtype=None, device: str | None = None):
+    """(model, tokenizer) for `path`, quantised per model.quantization unless quantize=False; an unquantised model
+    goes to the GPU when there is one, unless `device` names another ("cpu")."""
     import torch
 
     quant = quantization_config(cfg) if quantize else None
@@ -113,6 +114,31 @@ def load_model(cfg: Config, path: str, *, quantize: bool = True, dtype=None):
             model = model_class(cfg).from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         raise LoraflowError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
-    if quant is None and torch.cuda.is_available():
-        model = model.to("cuda")
+    device = device or default_device()
+    if quant is None and device != "cpu":
+        model = model.to(device)
     return model, load_tokenizer(path)
+
+
+def default_device() -> str:
+    """Where an unquantised model goes unless told: the GPU when there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def release_memory() -> None:
+    """Hand back what models no longer referenced held, before the next one loads: a full garbage collection,
+    CUDA's cached blocks, and the C heap's free pages (glibc's malloc_trim; torch's CPU tensors live there)."""
+    import ctypes
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

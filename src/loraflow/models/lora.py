@@ -9,8 +9,10 @@ from pathlib import Path
 
 from loraflow import LoraflowError
 from loraflow.config import Config
-from loraflow.models.loading import load_model
+from loraflow.models.loading import load_model, saved_dtype
 
+
+MERGE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # registry.merge_dtype: torch dtype names
 
 def linear_module_names(model) -> list[str]:
     """Leaf names of every linear layer except the output head (what `all-linear` means in PEFT)."""
@@ -112,15 +114,37 @@ def load_adapter(model, adapter_dir: str | Path):
 
 
 def merge_adapter(cfg: Config, base_path: str, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Merge an adapter into the full-precision base (never into 4-bit weights) and save the result."""
+    """Merge an adapter into the unquantised base (never into 4-bit weights) and save it in registry.merge_dtype.
+
+    The merge runs on the CPU with one full model in memory: the base loads in the dtype its checkpoint holds
+    (16-bit weights stay 16-bit: 16 GB of host memory for an 8B model, no device memory), and each LoRA layer
+    merges in fp32 and is rounded once to the merge dtype, as a merge of the whole model in fp32 would be."""
     import torch
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.registry.merge_dtype]
-    base, tokenizer = load_model(cfg, base_path, quantize=False, dtype=torch.float32)
-    merged = load_adapter(base, adapter_dir).merge_and_unload().to(dtype)
+    dtype = getattr(torch, MERGE_DTYPES[cfg.registry.merge_dtype])
+    stored = saved_dtype(base_path) or torch.float32
+    base, tokenizer = load_model(cfg, base_path, quantize=False, dtype=stored, device="cpu")
+    model = load_adapter(base, adapter_dir)
+    merge_layers_in_fp32(model, dtype)
+    merged = model.unload().to(dtype)
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if merged.generation_config is not None:
         merged.generation_config.save_pretrained(out_dir)
     return out_dir
+
+
+def merge_layers_in_fp32(model, dtype) -> int:
+    """Merge every LoRA layer of a PEFT model into its base weight: the weight in fp32 for the merge (one layer at a
+    time), then in `dtype`. Returns how many layers were merged."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    for layer in layers:
+        weight = layer.get_base_layer().weight
+        weight.data = weight.data.to(torch.float32)
+        layer.merge()
+        weight.data = weight.data.to(dtype)
+    return len(layers)

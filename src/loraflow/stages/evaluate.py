@@ -168,7 +168,8 @@ def each_model(cfg: Config, tuned: TunedModel, base_path: str):
     for role, path in (("base", base_path), ("tuned", str(tuned.model_dir))):
         model, tokenizer = models.load_model(cfg, path, quantize=False, dtype=dtype)  # as served: unquantised
         yield role, model.eval(), tokenizer
-        del model
+        del model  # the caller has dropped its own reference (answer_all): one full model in memory at a time
+        models.release_memory()
 
 
 def generation_seeds(cfg: Config) -> list[int]:
@@ -194,6 +195,7 @@ def answer_all(cfg: Config, tuned: TunedModel, base_path: str, test_rows, val_ro
                          for seed in generation_seeds(cfg)} if prompts else {}
         if val_rows:
             losses[role] = generation.validation_loss(model, tokenizer, asked(val_rows, role), cfg)
+        del model  # before each_model loads the next one
     return answers, losses
 
 

@@ -289,6 +289,7 @@ def run(cfg: Config, *, store: tracking.Store | None = None, from_run: str | Non
                                 tags={Tags.SOURCE_RUN_ID: source_run_id, **(tags or {})}) as active:
             say(f"merging the adapter of run {source_run_id} into {cfg.model.name}")
             merged_dir = models.merge_adapter(cfg, base_path, adapter_dir, workdir / "merged")
+            models.release_memory()  # the merge's model, before the gate loads two more
             summary = evaluate_merged(cfg, store, source_run_id, merged_dir, active.info.run_id, prepared, base_path)
             passed, why = gate(cfg, summary, champion_score(cfg, current_champion(cfg, store)))
             mlflow.log_params({"registry.model_name": cfg.model_name, "registry.gate_metric": cfg.registry.gate_metric,
