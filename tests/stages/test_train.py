@@ -26,8 +26,6 @@ from loraflow.stages import train
 REPO = Path(__file__).resolve().parents[2]
 
 
-
-
 def test_train_logs_run_metrics_artifacts_and_lineage(tiny_llama, write_project, run_cli):
     code, out, err = run_cli("train", write_project(tiny_llama))
     assert code == 0, err
@@ -412,3 +410,25 @@ def test_gradient_checkpointing_recomputes_and_trains_the_same(tiny_llama, write
     def losses(run):
         return [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert losses(recomputed) == pytest.approx(losses(plain), rel=1e-5) and len(losses(plain)) == 4
+
+
+def resident_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the resident high-water mark resets on Linux")
+def test_peak_memory_is_the_runs_own_not_the_process_high_water_mark(tiny_llama, write_project, run_cli):
+    """A tune trial or pipeline step trains in a process that did other work first: 1.5 GiB touched and freed
+    before this run is not part of its train/peak_memory_mb (ru_maxrss would keep it for the process's life)."""
+    import numpy
+
+    before = resident_mb()
+    spike = numpy.ones(1536 * 2**20 // 8)  # every page written: resident
+    assert resident_mb() > before + 1400
+    del spike
+    code, _, err = run_cli("train", write_project(tiny_llama))
+    assert code == 0, err
+    [run] = runs_of("train")
+    peak = run.data.metrics["train/peak_memory_mb"]
+    assert before * 0.5 < peak < before + 1000, (before, peak)

@@ -31,7 +31,7 @@ from loraflow.training.callback import (BEST_MARKER, Interrupted, LoraflowCallba
                                         count_trained_tokens, training_seconds)
 from loraflow.training.checkpoints import COMPLETE_MARKER, find_resumable_run, resumed_state
 from loraflow.training.distributed import Ranks
-from loraflow.training.trainer import build_trainer, peak_memory_mb, training_arguments
+from loraflow.training.trainer import build_trainer, peak_memory_mb, reset_peak_memory, training_arguments
 
 NOT_LOGGED = ("training_args.bin", BEST_MARKER)  # what Trainer.save_model and loraflow add to an adapter folder
 
@@ -172,6 +172,8 @@ def train_in_run(cfg: Config, args, ranks: Ranks, stopper: StopOnSignal, run_id:
     import transformers
 
     transformers.set_seed(cfg.train.seed)  # the same LoRA initialisation in every process, run and job
+    models.release_memory()  # what an earlier run in this process left (tune trials, pipeline steps)
+    reset_peak_memory()  # train/peak_memory_mb: this run's, loading included
     model, tokenizer = models.load_model(cfg, base_path)
     model = models.attach_lora(model, cfg)
     attention = ranks.from_main(models.faster_cpu_attention(model, cfg) if ranks.main else None)

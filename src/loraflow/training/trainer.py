@@ -12,6 +12,8 @@ from loraflow import LoraflowError, data, models, warn
 from loraflow.config import Config
 
 
+CLEAR_REFS, PROC_STATUS = "/proc/self/clear_refs", "/proc/self/status"
+
 def training_arguments(cfg: Config, output_dir: Path, bf16: bool):
     """The Trainer's arguments; under torchrun, reading their .device starts the process group (gloo on CPU,
     nccl on GPU: ddp_backend None lets accelerate choose by device). Mixed precision: bf16 autocast when `bf16`,
@@ -102,9 +104,33 @@ def training_collator(cfg: Config, model, tokenizer):
     return collate
 
 
+def reset_peak_memory() -> None:
+    """Start this process's peak-memory figure afresh, so each run in one process (tune trials, pipeline steps)
+    reports its own: torch's peak statistics on a GPU; on Linux the resident high-water mark, VmHWM, which
+    writing 5 to /proc/self/clear_refs resets (getrusage's ru_maxrss never goes down)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open(CLEAR_REFS, "w") as handle:
+            handle.write("5")
+    except OSError:  # not Linux, or not allowed: peak_memory_mb falls back to the process's whole life
+        pass
+
+
 def peak_memory_mb() -> float:
+    """Peak memory since reset_peak_memory: allocated GPU memory on a GPU, else the resident set's high-water mark
+    (VmHWM; ru_maxrss, the whole process's, where /proc is missing)."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open(PROC_STATUS) as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
