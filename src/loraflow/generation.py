@@ -1,4 +1,4 @@
-"""Text generation and teacher-forced loss, shared by evaluate, the registry gate, serving and benchmarks.
+"""Text generation and teacher-forced loss, shared by evaluate, the register gate, serving and benchmarks.
 
     answers = generation.generate(model, tokenizer, ["Describe: a red mug"], cfg)
     answers = generation.generate(model, tokenizer, prompts, cfg, seed=1, deadline=time.monotonic() + 60)

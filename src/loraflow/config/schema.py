@@ -17,15 +17,9 @@ from pathlib import Path
 from loraflow import LoraflowError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # src/loraflow/config/schema.py: the checkout
-
-
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-
-
 # An optional part of a data template, `[[Input: {input}]]`: left out when a field in it is empty.
 OPTIONAL_PART = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
-
-
 # transformers.SchedulerType's values, spelled out so a config loads without importing torch
 # (~7 s); a test checks the list against the installed transformers.
 LrScheduler = typing.Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -231,6 +225,4 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig,
             "eval": EvalConfig, "tune": TuneConfig, "registry": RegistryConfig}
-
-
 FSDP1_ONLY = ("no_shard", "hybrid_shard", "hybrid_shard_zero2")

@@ -13,17 +13,11 @@ from loraflow.config.schema import FSDP1_ONLY, OPTIONAL_PART, Config, DataConfig
 # TrainingArguments.fsdp words FSDP2 takes (transformers.trainer_utils.FSDPOption minus the FSDP1-only ones),
 # spelled out so a config loads without importing transformers; a test checks them against FSDPOption.
 FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
-
-
 POSITIVE = ("lora.r", "lora.alpha", "train.learning_rate", "train.batch_size", "train.grad_accum",
             "train.logging_steps", "train.eval_steps", "train.save_steps", "data.max_length", "eval.max_new_tokens",
             "eval.batch_size", "eval.num_samples", "registry.max_new_tokens_cap")
-
-
 AT_LEAST = {"data.max_rows": 0, "train.eval_rows": 0, "eval.bootstrap_samples": 1,
             "train.early_stopping_patience": 0, "train.dataloader_workers": 0, "train.store_outage_seconds": 0}
-
-
 # train.warmup_ratio is passed as warmup_steps, which transformers reads as a ratio only below 1.
 UNIT_INTERVAL = ("lora.dropout", "train.warmup_ratio")
 

@@ -25,19 +25,13 @@ from loraflow.config import OPTIONAL_PART, Config, DataConfig
 from loraflow.data.readers import conversation, load_records
 
 SPLITS = ("train", "validation", "test")
-
-
 # Only these names count as HTML tags, so `<start_of_turn>`, `<unk>`, `</s>` or `x <y> z` survive data.strip_html.
 INLINE_ELEMENTS = set("a abbr b bdi bdo big cite code data del dfn em font i img ins kbd mark q samp small span "
                       "strike strong sub sup time tt u var wbr".split())
-
-
 BLOCK_ELEMENTS = set("address article aside blockquote body br button caption center dd details div dl dt figure "
                      "footer form h1 h2 h3 h4 h5 h6 head header hr html iframe input label li link main meta nav "
                      "ol option p pre script section select source style table tbody td textarea th thead title "
                      "tr ul video".split())
-
-
 HTML_TAG = re.compile(r"<!--.*?-->|<!doctype[^>]*>|</?([a-z][a-z0-9]*)(?:\s[^<>]*)?/?>", re.IGNORECASE | re.DOTALL)
 
 

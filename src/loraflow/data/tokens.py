@@ -15,8 +15,6 @@ from loraflow.config import Config
 from loraflow.data.readers import conversation
 
 IGNORE_INDEX = -100
-
-
 ANSWER_PROBE = "loraflow-answer-probe"
 
 

@@ -30,8 +30,6 @@ def quantized_cache_dir() -> Path | None:
 
 
 QUANTIZED_SOURCE = "loraflow-source.json"  # in each kept copy: the fingerprint it was made from
-
-
 STALE_STAGING_SECONDS = 3600  # a staging folder this old belongs to a process that died while saving
 
 

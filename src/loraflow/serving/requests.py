@@ -38,26 +38,13 @@ from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR
 from loraflow.config import Config
 
 GENERATION_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "do_sample": False, "seed": 0}
-
-
 PARAM_TYPES = {"max_new_tokens": "long", "temperature": "double", "top_p": "double", "do_sample": "boolean",
                "seed": "long"}
-
-
 MAX_ROWS = 64  # prompt rows per request
-
-
 MAX_SEED = 2**32 - 1  # numpy's seed range, which transformers.set_seed goes through
-
-
 REQUEST_SECONDS_ENV = "LORAFLOW_REQUEST_SECONDS"
-
-
 SERVER_TIMEOUT_MARGIN_SECONDS = 5  # the budget ends this long before the scoring server's timeout
-
-
 UNSET_MODEL_MAX_LENGTH = 10**9  # tokenizers without a limit report int(1e30)
-
 
 logger = logging.getLogger(__name__)
 

@@ -68,8 +68,6 @@ class Tags:
 
 TRAIN_LOSS, EVAL_LOSS = "train/loss", "eval/loss"
 ROLES = ("base", "tuned", "delta")
-
-
 SUFFIXES = ("_std", "_ci_low", "_ci_high")
 
 

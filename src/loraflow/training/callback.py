@@ -22,8 +22,6 @@ from loraflow.training.checkpoints import COMPLETE_MARKER
 from loraflow.training.distributed import Ranks
 
 TRAINER_METRICS = {"loss": TRAIN_LOSS, "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
-
-
 BEST_MARKER = "loraflow_best.json"  # step and validation loss of the adapter kept as the best
 
 
