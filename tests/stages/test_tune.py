@@ -205,10 +205,10 @@ def test_an_evaluation_metric_objective_evaluates_each_trial_in_a_nested_run(tun
 def test_resuming_a_study_adds_trials_from_the_whole_search_space(tune_project, run_cli):
     project = tune_project(r_choices=[4], alpha_multipliers=[0.5], dropout_choices=[0.1],
                            target_modules_choices=[["q_proj", "v_proj"]], layers_choices=["last:1"])
-    for total in (1, 2, 2):  # --n-trials is the study's total: the third call finds it done
+    for total in (1, 2, 1):  # --n-trials is the study's total: the third call finds it past its target
         code, _, err = run_cli("tune", project, "--study", "again", "--n-trials", str(total))
         assert code == 0, err
-    assert "study 'again' already holds 2 trials" in err
+    assert "study 'again' already holds 2 trials (finished or running), and its target is 1" in err
     study = studies.load_study("again")
     assert [t.number for t in study.trials] == [0, 1] and {t.state.name for t in study.trials} == {"COMPLETE"}
     assert len(runs_of("tune")) == 3 and len(runs_of("train")) == 2

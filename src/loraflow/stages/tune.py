@@ -338,7 +338,8 @@ def run(cfg: Config, *, store: tracking.Store | None = None, n_trials: int | Non
         mlflow.log_params(tracking.flat_params(cfg))
         tracking.log_config(cfg)
         fail_dead_trials(study, optuna_storage)  # a restarted worker first retries what dead ones left RUNNING
-        if trials_toward_target(study.get_trials(deepcopy=False)) < n_trials:
+        held = trials_toward_target(study.get_trials(deepcopy=False))
+        if held < n_trials:
             # n_trials bounds this worker's own trials (it never needs more); the callback stops it at the target
             with heap_frozen():
                 study.optimize(lambda trial: run_trial(trial, cfg=cfg, store=store, study_run=study_run,
@@ -347,7 +348,8 @@ def run(cfg: Config, *, store: tracking.Store | None = None, n_trials: int | Non
                                callbacks=[target_keeper(optuna_storage, n_trials)], gc_after_trial=True,
                                show_progress_bar=True)
         else:
-            say(f"study {study_name!r} already holds {n_trials} trials (finished or running): nothing to run")
+            say(f"study {study_name!r} already holds {held} trials (finished or running), and its target is "
+                f"{n_trials}: nothing to run")
         trials = study.get_trials()  # one snapshot: other workers may still be adding trials
         result = log_outcome(cfg, study_name, trials, study_run.info.run_id)
         result.table, result.objective, result.storage = trials_table(trials), cfg.tune.objective, redact(url)
