@@ -12,10 +12,10 @@ tokens only. The names below are the package's interface.
 """
 from loraflow.models.attention import eager_is_faster, faster_cpu_attention
 from loraflow.models.head import LabelledTokensHead, head_on_labelled_tokens, takes_logits_to_keep
-from loraflow.models.loading import (cleanup_skipped_for_bpe, compute_dtype, cpu_has_bf16, load_model, load_tokenizer,
-                                     quantization_config, read_tokenizer, release_memory, saved_dtype)
-from loraflow.models.lora import (MERGE_DTYPES, CastUnlessAutocast, attach_lora, linear_module_names, load_adapter,
-                                  lora_config, merge_adapter, merge_layers_in_fp32, skip_input_casts_under_autocast,
+from loraflow.models.loading import (cleanup_skipped_for_bpe, compute_dtype, cpu_has_bf16, dtype_named, load_model,
+                                     load_tokenizer, quantization_config, read_tokenizer, release_memory, saved_dtype)
+from loraflow.models.lora import (CastUnlessAutocast, attach_lora, linear_module_names, load_adapter, lora_config,
+                                  merge_adapter, merge_layers_in_fp32, skip_input_casts_under_autocast,
                                   use_sixteen_bit_dropout)
 from loraflow.models.quantized import (QUANTIZED_SOURCE, STALE_STAGING_SECONDS, load_quantized, quantized_cache_dir,
                                        quantized_fingerprint)

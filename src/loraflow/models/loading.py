@@ -22,7 +22,14 @@ def compute_dtype(cfg: Config):
         if torch.cuda.is_available():
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+    return dtype_named(choice)
+
+
+def dtype_named(name: str):
+    """The torch dtype a config spells bf16, fp16 or fp32 (model.dtype, registry.merge_dtype)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def saved_dtype(folder) -> "torch.dtype | None":

@@ -9,10 +9,8 @@ from pathlib import Path
 
 from loraflow import LoraflowError
 from loraflow.config import Config
-from loraflow.models.loading import load_model, saved_dtype
+from loraflow.models.loading import dtype_named, load_model, saved_dtype
 
-
-MERGE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # registry.merge_dtype: torch dtype names
 
 def linear_module_names(model) -> list[str]:
     """Leaf names of every linear layer except the output head (what `all-linear` means in PEFT)."""
@@ -121,7 +119,7 @@ def merge_adapter(cfg: Config, base_path: str, adapter_dir: str | Path, out_dir:
     merges in fp32 and is rounded once to the merge dtype, as a merge of the whole model in fp32 would be."""
     import torch
 
-    dtype = getattr(torch, MERGE_DTYPES[cfg.registry.merge_dtype])
+    dtype = dtype_named(cfg.registry.merge_dtype)
     stored = saved_dtype(base_path) or torch.float32
     base, tokenizer = load_model(cfg, base_path, quantize=False, dtype=stored, device="cpu")
     model = load_adapter(base, adapter_dir)

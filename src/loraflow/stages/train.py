@@ -172,7 +172,6 @@ def train_in_run(cfg: Config, args, ranks: Ranks, stopper: StopOnSignal, run_id:
     import transformers
 
     transformers.set_seed(cfg.train.seed)  # the same LoRA initialisation in every process, run and job
-    models.release_memory()  # what an earlier run in this process left (tune trials, pipeline steps)
     reset_peak_memory()  # train/peak_memory_mb: this run's, loading included
     model, tokenizer = models.load_model(cfg, base_path)
     model = models.attach_lora(model, cfg)
