@@ -165,9 +165,9 @@ def register(cfg, store, from_run, from_study, force):
     Merges into the full-precision base, evaluates against the base (and the current champion) and
     registers a pyfunc model with the alias only if it wins (--force overrides).
     """
-    from loraflow.stages import register as registry
+    from loraflow.stages import register as register_stage
 
-    result = registry.run(cfg, store=store, from_run=from_run, from_study=from_study, force=force)
+    result = register_stage.run(cfg, store=store, from_run=from_run, from_study=from_study, force=force)
     click.echo(result.message)
 
 
@@ -261,14 +261,14 @@ def runs(cfg, store, limit, evaluations, json_path):
     import json
     from pathlib import Path
 
-    from loraflow.stages import runs as compare
+    from loraflow.stages import runs as runs_stage
 
     if not evaluations:
-        click.echo(compare.table_text(compare.training_rows(store, limit)))
+        click.echo(runs_stage.table_text(runs_stage.training_rows(store, limit)))
         return
-    click.echo(compare.table_text(compare.evaluation_rows(store, limit), "no finished evaluations in this experiment yet"))
+    click.echo(runs_stage.table_text(runs_stage.evaluation_rows(store, limit), "no finished evaluations in this experiment yet"))
     if json_path:
-        Path(json_path).write_text(json.dumps(compare.evaluation_summary(store, limit), indent=2) + "\n")
+        Path(json_path).write_text(json.dumps(runs_stage.evaluation_summary(store, limit), indent=2) + "\n")
 
 
 @cli.command("config")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import assert_one_line_error, runs_of
 
-from loraflow import models, tracking
+from loraflow import LoraflowError, models, tracking
 from loraflow.config import load_config
-from loraflow.stages import register as registry
+from loraflow.stages import register
 
 
 def registered_versions(name="tiny"):
@@ -114,11 +114,11 @@ def test_best_finished_training_run_is_chosen_by_gate_metric(tiny_llama, write_p
         training_run(label, metrics)
     training_run("other_config", {"eval/loss": 0.01}, other_config)  # never chosen: another training config
     training_run("trial", {"eval/loss": 0.01}, trial)  # never chosen without --from-study: a tune trial
-    assert registry.best_training_run(cfg, store) == runs["low_loss"]
+    assert register.best_training_run(cfg, store) == runs["low_loss"]
     for label, delta in (("evaluated_worse", 0.01), ("evaluated_better", 0.2)):
         training_run(label, {"eval/loss": 3.0, "delta/rougeL": delta})
     training_run("failed", {"eval/loss": 0.1, "delta/rougeL": 0.9}, status="FAILED")
-    assert registry.best_training_run(cfg, store) == runs["evaluated_better"]
+    assert register.best_training_run(cfg, store) == runs["evaluated_better"]
 
 
 @pytest.mark.parametrize("minimum, champion, metric, passed", [
@@ -130,7 +130,7 @@ def test_gate_decision(tiny_llama, write_project, minimum, champion, metric, pas
     cfg = load_config(str(write_project(tiny_llama, registry={"min_improvement": minimum, "gate_metric": metric})))
     summary = {"base/rougeL": 0.2, "tuned/rougeL": 0.35, "delta/rougeL": 0.15,
                "base/loss": 3.0, "tuned/loss": 2.0}
-    assert registry.gate(cfg, summary, champion)[0] is passed
+    assert register.gate(cfg, summary, champion)[0] is passed
 
 
 def test_bad_input_is_one_line_and_registers_nothing(tiny_llama, write_project, run_cli, tmp_path, monkeypatch):
@@ -168,7 +168,7 @@ def test_a_failure_while_registering_leaves_nothing_registered(tiny_llama, write
         raise RuntimeError("registry unavailable")
     monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", broken_alias)
     with pytest.raises(RuntimeError):
-        registry.register_version(cfg, tracking.connect(cfg=cfg), model_uri, {"gate.metric": "rougeL"}, "card")
+        register.register_version(cfg, tracking.connect(cfg=cfg), model_uri, {"gate.metric": "rougeL"}, "card")
     assert mlflow.MlflowClient().search_registered_models() == []
 
 
@@ -205,8 +205,8 @@ def test_a_version_that_does_not_answer_never_takes_the_alias(tiny_llama, write_
     assert str(version_with_alias("champion").version) == "1"
 
     def broken(name, version, prompt):
-        raise registry.LoraflowError(f"{name} version {version} did not answer a test prompt")
-    monkeypatch.setattr(registry, "check_version_answers", broken)
+        raise LoraflowError(f"{name} version {version} did not answer a test prompt")
+    monkeypatch.setattr(register, "check_version_answers", broken)
     code, _, err = run_cli("register", project, "--force")
     assert_one_line_error(code, err, "did not answer a test prompt")
     assert set(registered_versions()) == {"1"} and str(version_with_alias("champion").version) == "1"

@@ -155,9 +155,9 @@ def evaluate_step(ctx: Context, trained_run_id: str | None) -> Step:
 
 
 def register_step(ctx: Context, trained_run_id: str) -> Step:
-    from loraflow.stages import register as registry
+    from loraflow.stages import register
 
-    step = get_or_run(ctx, "register", trained_run_id, lambda tags: registry.run(
+    step = get_or_run(ctx, "register", trained_run_id, lambda tags: register.run(
         ctx.cfg, store=ctx.store, from_run=trained_run_id, parent_run_id=ctx.parent_run_id, tags=tags,
         prepared=ctx.prepared, base_path=ctx.base_path).run_id,
         usable=lambda run: version_exists(ctx, run.data.tags.get(Tags.REGISTERED_VERSION)))
@@ -165,7 +165,7 @@ def register_step(ctx: Context, trained_run_id: str) -> Step:
     if not version:
         step.note = f"not registered: {step.tags.get(Tags.GATE_REASON, 'the gate refused')}"
         return step
-    champion = registry.current_champion(ctx.cfg, ctx.store)
+    champion = register.current_champion(ctx.cfg, ctx.store)
     step.note = f"{ctx.cfg.model_name} version {version}" + (
         f" @{ctx.cfg.registry.alias}" if champion and str(champion.version) == version
         else f" (@{ctx.cfg.registry.alias} is version {champion.version})" if champion else "")
@@ -285,9 +285,9 @@ def free_port() -> int:
 def check_serving(cfg: Config, store: tracking.Store, prepared: data.PreparedData) -> str | None:
     """Start `mlflow models serve` with the champion on a free port, ask one prompt, stop the server."""
     from loraflow import serving
-    from loraflow.stages import register as registry
+    from loraflow.stages import register
 
-    if registry.current_champion(cfg, store) is None:
+    if register.current_champion(cfg, store) is None:
         say(f"serve check skipped: no {cfg.model_name}@{cfg.registry.alias} to serve")
         return None
     model_uri, port = serving.default_model_uri(cfg), free_port()
