@@ -184,8 +184,12 @@ class RegistryConfig:
     alias: str = opt("champion", "alias of the promoted version")
     gate_metric: str = opt("rougeL", "what must improve to register: loss, perplexity or one of eval.metrics")
     min_improvement: float = opt(0.0, "smallest improvement over the base model that promotes")
-    merge_dtype: typing.Literal["fp32", "fp16", "bf16"] = opt(
-        "fp32", "dtype of the merged model register saves (merged on the CPU, each layer in fp32)")
+    serve_dtype: typing.Literal["auto", "bf16", "fp16", "fp32"] = opt(
+        "auto", "dtype a registered version is gated and served in (its adapter on the unquantised base); "
+                "auto: model.dtype's compute dtype on the registering machine, recorded with the version")
+    merge_dtype: typing.Literal["auto", "fp32", "fp16", "bf16"] = opt(
+        "auto", "dtype of the merged folder register saves beside the adapter (merged on the CPU, each layer in "
+                "fp32); auto: registry.serve_dtype")
     max_new_tokens_cap: int = opt(512, "most tokens one serving request may generate")
 
 

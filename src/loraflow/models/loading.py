@@ -25,11 +25,32 @@ def compute_dtype(cfg: Config):
     return dtype_named(choice)
 
 
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 def dtype_named(name: str):
-    """The torch dtype a config spells bf16, fp16 or fp32 (model.dtype, registry.merge_dtype)."""
+    """The torch dtype a config spells bf16, fp16 or fp32 (model.dtype, registry.serve_dtype, merge_dtype)."""
     import torch
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return getattr(torch, DTYPE_NAMES[name])
+
+
+def name_of_dtype(dtype) -> str:
+    """How a config spells a torch dtype: torch.bfloat16 -> "bf16"."""
+    return {torch_name: name for name, torch_name in DTYPE_NAMES.items()}[str(dtype).removeprefix("torch.")]
+
+
+def served_dtype(cfg: Config):
+    """The dtype a registered version is gated and served in: registry.serve_dtype, where auto is model.dtype's
+    compute dtype on this machine (register records what it resolved to, so every server loads the same)."""
+    choice = cfg.registry.serve_dtype
+    return compute_dtype(cfg) if choice == "auto" else dtype_named(choice)
+
+
+def merged_dtype(cfg: Config):
+    """The dtype of the merged folder register saves: registry.merge_dtype, where auto is the served dtype."""
+    choice = cfg.registry.merge_dtype
+    return served_dtype(cfg) if choice == "auto" else dtype_named(choice)
 
 
 def saved_dtype(folder) -> "torch.dtype | None":

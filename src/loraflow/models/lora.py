@@ -1,6 +1,7 @@
 """LoRA on a model: which modules, attaching it with loraflow's kernels, loading and merging an adapter.
 
     model = attach_lora(model, cfg)
+    model, tokenizer = load_served(cfg, base_path, adapter_dir)   # what the gate judges and the server answers from
     merged_dir = merge_adapter(cfg, base_path, adapter_dir, out_dir)
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from loraflow import LoraflowError
 from loraflow.config import Config
-from loraflow.models.loading import dtype_named, load_model, saved_dtype
+from loraflow.models.loading import load_model, merged_dtype, saved_dtype, served_dtype
 
 
 def linear_module_names(model) -> list[str]:
@@ -111,15 +112,28 @@ def load_adapter(model, adapter_dir: str | Path):
     return peft.PeftModel.from_pretrained(model, str(adapter_dir)).eval()
 
 
+def load_served(cfg: Config, base_path: str, adapter_dir: str | Path, device: str | None = None):
+    """(model, tokenizer) in the served form: the base unquantised in the served dtype (registry.serve_dtype) with
+    the adapter attached, not merged, in eval mode. The gate judges exactly this and the server answers from it,
+    so a served greedy answer is the one the gate saw; several adapters can share the one base."""
+    base, tokenizer = load_model(cfg, base_path, quantize=False, dtype=served_dtype(cfg), device=device)
+    try:
+        return load_adapter(base, adapter_dir), tokenizer
+    except (ValueError, RuntimeError) as exc:  # another model's modules or shapes
+        raise LoraflowError(f"the adapter in {adapter_dir} does not fit the base {base_path}: "
+                            f"{str(exc).splitlines()[0]}") from None
+
+
 def merge_adapter(cfg: Config, base_path: str, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Merge an adapter into the unquantised base (never into 4-bit weights) and save it in registry.merge_dtype.
+    """Merge an adapter into the unquantised base (never into 4-bit weights) and save it in registry.merge_dtype
+    (auto: the served dtype). Not what is served (load_served is): the merged folder is for readers without PEFT.
 
     The merge runs on the CPU with one full model in memory: the base loads in the dtype its checkpoint holds
     (16-bit weights stay 16-bit: 16 GB of host memory for an 8B model, no device memory), and each LoRA layer
     merges in fp32 and is rounded once to the merge dtype, as a merge of the whole model in fp32 would be."""
     import torch
 
-    dtype = dtype_named(cfg.registry.merge_dtype)
+    dtype = merged_dtype(cfg)
     stored = saved_dtype(base_path) or torch.float32
     base, tokenizer = load_model(cfg, base_path, quantize=False, dtype=stored, device="cpu")
     model = load_adapter(base, adapter_dir)

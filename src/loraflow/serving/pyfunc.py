@@ -1,7 +1,7 @@
 """Logging a merged model as loraflow's pyfunc (and its chat flavour): signature, requirements, code.
 
-    info = log_model(cfg, merged_dir)           # in the active run; register registers info.model_uri
-    if has_chat_flavour(cfg, merged_dir): log_chat_model(cfg, merged_dir)
+    info = log_model(cfg, merged_dir, adapter_dir)   # in the active run; register registers info.model_uri
+    if has_chat_flavour(cfg, merged_dir): log_chat_model(cfg, merged_dir, adapter_dir)
 
 The models are logged from code (served_model.py, served_chat_model.py) with loraflow's own source as
 code_paths, so the serving environment needs only the pip requirements, not loraflow.
@@ -16,7 +16,7 @@ import pandas as pd  # mlflow.pyfunc has imported it already
 
 from loraflow.config import Config
 from loraflow.serving.requests import GENERATION_DEFAULTS, PARAM_TYPES
-from loraflow.serving.text_model import saved_settings
+from loraflow.serving.text_model import one_model_while_logging, saved_settings
 
 SERVING_DIR = Path(__file__).resolve().parent  # the files MLflow loads a model from (models from code)
 PACKAGE_DIR = SERVING_DIR.parent  # loraflow's source, logged with every model as code_paths
@@ -36,25 +36,34 @@ def model_signature(cfg: Config):
 
 
 def pip_requirements() -> list[str]:
-    """The serving environment: the installed versions of what `TextGenerator` imports."""
+    """The serving environment: the installed versions of what `TextGenerator` imports (peft: the served adapter)."""
     from importlib.metadata import version
 
     def base(name):
         return version(name).split("+")[0]
     return [f"mlflow=={base('mlflow')}", f"torch=={base('torch')}", f"transformers=={base('transformers')}",
-            f"tokenizers=={base('tokenizers')}", f"safetensors=={base('safetensors')}", "pandas", "pyyaml", "tqdm"]
+            f"peft=={base('peft')}", f"tokenizers=={base('tokenizers')}", f"safetensors=={base('safetensors')}",
+            "pandas", "pyyaml", "tqdm"]
 
 
-def log_model(cfg: Config, merged_dir: str | Path, name: str = "model"):
-    """Log the merged folder as a `TextGenerator` pyfunc in the active run; returns the ModelInfo.
+def model_artifacts(merged_dir: str | Path, adapter_dir: str | Path | None) -> dict:
+    """The pyfunc's artifacts: `model`, the merged folder, and `adapter`, what is served on the base when the
+    server finds it (serving.text_model.load_served_model)."""
+    return {"model": str(merged_dir), **({"adapter": str(adapter_dir)} if adapter_dir else {})}
+
+
+def log_model(cfg: Config, merged_dir: str | Path, adapter_dir: str | Path | None = None, name: str = "model"):
+    """Log the merged folder and the adapter as a `TextGenerator` pyfunc in the active run; returns the ModelInfo.
 
     The model is logged from code (served_model.py) with an input example; loraflow's own source goes
     along as code_paths, so the serving environment needs only the pip requirements, not loraflow.
     """
-    return mlflow.pyfunc.log_model(
-        name=name, python_model=str(SERVING_DIR / "served_model.py"), artifacts={"model": str(merged_dir)},
-        signature=model_signature(cfg), input_example=pd.DataFrame({"prompt": ["Hello"]}),
-        pip_requirements=pip_requirements(), model_config=saved_settings(cfg), code_paths=[str(PACKAGE_DIR)])
+    with one_model_while_logging():
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=str(SERVING_DIR / "served_model.py"),
+            artifacts=model_artifacts(merged_dir, adapter_dir),
+            signature=model_signature(cfg), input_example=pd.DataFrame({"prompt": ["Hello"]}),
+            pip_requirements=pip_requirements(), model_config=saved_settings(cfg), code_paths=[str(PACKAGE_DIR)])
 
 
 def has_chat_flavour(cfg: Config, model_dir: str | Path) -> bool:
@@ -65,8 +74,10 @@ def has_chat_flavour(cfg: Config, model_dir: str | Path) -> bool:
     return data.uses_chat_template(models.load_tokenizer(str(model_dir)), cfg)
 
 
-def log_chat_model(cfg: Config, merged_dir: str | Path, name: str = "chat_model"):
-    """Log the merged folder as a `ChatGenerator` (served_chat_model.py) in the active run; returns the ModelInfo.
+def log_chat_model(cfg: Config, merged_dir: str | Path, adapter_dir: str | Path | None = None,
+                   name: str = "chat_model"):
+    """Log the merged folder and the adapter as a `ChatGenerator` (served_chat_model.py) in the active run;
+    returns the ModelInfo.
 
     The same artifact, settings, requirements and code as `log_model`; MLflow sets the chat signature
     and, while logging, loads the model and answers the input example once (one token here).
@@ -79,9 +90,11 @@ def log_chat_model(cfg: Config, merged_dir: str | Path, name: str = "chat_model"
     quiet = lambda record: "Default values for temperature, n and stream" not in record.getMessage()  # noqa: E731
     pyfunc_logger.addFilter(quiet)
     try:
-        return mlflow.pyfunc.log_model(
-            name=name, python_model=str(SERVING_DIR / "served_chat_model.py"), artifacts={"model": str(merged_dir)},
-            input_example=example, pip_requirements=pip_requirements(), model_config=saved_settings(cfg),
-            code_paths=[str(PACKAGE_DIR)])
+        with one_model_while_logging():
+            return mlflow.pyfunc.log_model(
+                name=name, python_model=str(SERVING_DIR / "served_chat_model.py"),
+                artifacts=model_artifacts(merged_dir, adapter_dir),
+                input_example=example, pip_requirements=pip_requirements(), model_config=saved_settings(cfg),
+                code_paths=[str(PACKAGE_DIR)])
     finally:
         pyfunc_logger.removeFilter(quiet)

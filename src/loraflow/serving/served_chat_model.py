@@ -37,7 +37,7 @@ from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage, Ch
 from loraflow.serving.batching import model_thread, run_in_turn
 from loraflow.serving.requests import (checked_params, context_length, cut_from_left, invalid, request_budget,
                                        request_config)
-from loraflow.serving.text_model import load_served_model
+from loraflow.serving.text_model import LOADED, load_served_model
 
 ROLES = ("system", "user", "assistant")
 MAX_MESSAGES = 256  # messages per request
@@ -150,6 +150,7 @@ class ChatGenerator(mlflow.pyfunc.ChatModel):
         from loraflow import generation
 
         self.cfg, self.model, self.tokenizer = load_served_model(context)
+        LOADED.add(self)
         self.context_tokens = context_length(self.model, self.tokenizer)
         self.stop_ids = generation.stop_token_ids(self.model, self.tokenizer)
         self.lock = threading.Lock()

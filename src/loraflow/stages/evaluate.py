@@ -6,13 +6,15 @@
 
 The tuned model is a training run's adapter over the base (the base is loaded once and answers with
 the adapter disabled), a registered model's merged folder, a local adapter folder, or a local merged
-folder. Both answer the prompts of the eval.split split (test by default) with the same decoding; the base
-is asked data.base_prompt_template's prompt where one is set (e.g. without the tags the tuned model
-learned), also for its validation loss. `eval.metrics` score the answers per
-seed of `eval.seeds`, and a paired bootstrap over items (each with all its seeds) gives a 95% interval
-for each tuned - base difference, computed with the same statistic as the difference itself.
-Greedy decoding (eval.temperature = 0) is deterministic, so it generates once and that result
-stands for every seed (the stds are then 0). Validation loss and perplexity are teacher-forced.
+folder. An adapter is judged as trained (model.quantization) unless as_served (the gate): then as a
+registered version is served, on the unquantised base in registry.serve_dtype. Both answer the prompts
+of the eval.split split (test by default) with the same decoding; the base is asked
+data.base_prompt_template's prompt where one is set (e.g. without the tags the tuned model learned),
+also for its validation loss. `eval.metrics` score the answers per seed of `eval.seeds`, and a paired
+bootstrap over items (each with all its seeds) gives a 95% interval for each tuned - base difference,
+computed with the same statistic as the difference itself. Greedy decoding (eval.temperature = 0) is
+deterministic, so it generates once and that result stands for every seed (the stds are then 0).
+Validation loss and perplexity are teacher-forced.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class TunedModel:
     model_dir: Path | None = None
     train_run_id: str | None = None  # the run it judges; tags link both ways
     description: str = ""
+    as_served: bool = False  # an adapter judged as a registered version is served (models.load_served), not trained
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -154,12 +157,7 @@ def warn_if_inputs_differ(cfg: Config, store: tracking.Store, run_id: str, diges
 def each_model(cfg: Config, tuned: TunedModel, base_path: str):
     """Yield (role, model, tokenizer) for base then tuned; an adapter shares one loaded base."""
     if tuned.adapter_dir:
-        base, tokenizer = models.load_model(cfg, base_path)
-        try:
-            model = models.load_adapter(base, tuned.adapter_dir)
-        except (ValueError, RuntimeError) as exc:  # another model's modules or shapes
-            raise LoraflowError(f"the adapter in {tuned.adapter_dir} does not fit {cfg.model.name}: "
-                                f"{str(exc).splitlines()[0]}") from None
+        model, tokenizer = adapter_on_base(cfg, tuned, base_path)
         with model.disable_adapter():
             yield "base", model, tokenizer
         yield "tuned", model, tokenizer
@@ -170,6 +168,19 @@ def each_model(cfg: Config, tuned: TunedModel, base_path: str):
         yield role, model.eval(), tokenizer
         del model  # the caller has dropped its own reference (answer_all): one full model in memory at a time
         models.release_memory()
+
+
+def adapter_on_base(cfg: Config, tuned: TunedModel, base_path: str):
+    """(model, tokenizer): the adapter on the base as served (unquantised, registry.serve_dtype) or as trained
+    (model.quantization, model.dtype)."""
+    if tuned.as_served:
+        return models.load_served(cfg, base_path, tuned.adapter_dir)
+    base, tokenizer = models.load_model(cfg, base_path)
+    try:
+        return models.load_adapter(base, tuned.adapter_dir), tokenizer
+    except (ValueError, RuntimeError) as exc:  # another model's modules or shapes
+        raise LoraflowError(f"the adapter in {tuned.adapter_dir} does not fit {cfg.model.name}: "
+                            f"{str(exc).splitlines()[0]}") from None
 
 
 def generation_seeds(cfg: Config) -> list[int]:
@@ -341,10 +352,11 @@ def summary_line(summary: dict) -> str:
 
 def run(cfg: Config, *, store: tracking.Store | None = None, run_id: str | None = None, model_uri: str | None = None,
         adapter_dir=None, model_dir=None, parent_run_id: str | None = None, tags: dict | None = None,
-        prepared: data.PreparedData | None = None, base_path: str | None = None) -> EvalResult:
+        prepared: data.PreparedData | None = None, base_path: str | None = None, as_served: bool = False) -> EvalResult:
     """Evaluate base vs tuned in an MLflow run (see the module docstring for what "tuned" can be).
 
-    `prepared` and `base_path` let the pipeline pass on the data and model it already has.
+    `prepared` and `base_path` let the pipeline pass on the data and model it already has; `as_served` judges an
+    adapter in the form a registered version is served in (the gate), one model in memory for both roles.
     """
     store = store or tracking.connect(cfg=cfg)
     names = metric_names(cfg)
@@ -352,6 +364,7 @@ def run(cfg: Config, *, store: tracking.Store | None = None, run_id: str | None 
     test_rows, val_rows = held_out_rows(cfg, prepared)
     with tempfile.TemporaryDirectory(prefix="loraflow-evaluate-") as scratch:  # a downloaded model, removed after
         tuned = resolve_tuned(cfg, store, run_id, model_uri, adapter_dir, model_dir, Path(scratch))
+        tuned.as_served = as_served and tuned.adapter_dir is not None
         return evaluate_tuned(cfg, store, tuned, names, prepared, test_rows, val_rows, base_path, parent_run_id, tags)
 
 
@@ -364,7 +377,9 @@ def evaluate_tuned(cfg: Config, store: tracking.Store, tuned: TunedModel, names:
     base_path = base_path or models.resolve_model_path(cfg.model.name, cfg)
     run_tags = {Tags.DATA_DIGEST: prepared.digest, Tags.DATA_SOURCE: prepared.source,
                 Tags.TUNED_MODEL: tuned.description[:500],
-                **({Tags.EVALUATED_RUN_ID: tuned.train_run_id} if tuned.train_run_id else {}), **(tags or {})}
+                **({Tags.EVALUATED_RUN_ID: tuned.train_run_id} if tuned.train_run_id else {}),
+                **({Tags.SERVED_DTYPE: models.name_of_dtype(models.served_dtype(cfg))} if tuned.as_served else {}),
+                **(tags or {})}
     with tracking.stage_run(cfg, "evaluate", store, parent_run_id=parent_run_id, tags=run_tags) as active:
         mlflow.log_params(tracking.flat_params(cfg))
         tracking.log_config(cfg)

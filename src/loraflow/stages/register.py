@@ -1,16 +1,19 @@
-"""Register the winning adapter: choose it, merge it, gate it, log it as a pyfunc, register, alias.
+"""Register the winning adapter: choose it, gate it, merge it, log it as a pyfunc, register, alias.
 
     loraflow register quickstart                       # the project's best finished training run
     loraflow register quickstart --from-run RUN_ID     # or --from-study NAME (an Optuna study's best trial)
     loraflow register quickstart --force               # register even when the gate refuses
     result = registry.run(cfg)                         # RegisterResult(version="3", promoted=True, ...)
 
-The adapter is merged into the full-precision base (registry.merge_dtype), then evaluated against
-the base on held-out rows by the evaluate stage (a nested run). It is registered only if
+The adapter is evaluated against the base on held-out rows by the evaluate stage (a nested run) in the
+form it will be served in: on the unquantised base in registry.serve_dtype (models.load_served; auto is
+resolved here and recorded with the version, so every server loads the same). It is registered only if
 delta/<registry.gate_metric> >= registry.min_improvement and its tuned score beats the score
 recorded on the current champion (version tag `gate.tuned_score`). The new version takes the alias
 `champion` (registry.alias); the version it replaces gets `previous`. A refused promotion is not
-an error: it says why and registers nothing.
+an error: it says why and registers nothing. A version holds the adapter (what is served) and the
+adapter merged into the base on the CPU (registry.merge_dtype; for readers without PEFT, and served
+where the base cannot be found).
 """
 from __future__ import annotations
 
@@ -135,13 +138,14 @@ def champion_score(cfg: Config, champion) -> float | None:
         return None
 
 
-def evaluate_merged(cfg: Config, store: tracking.Store, source_run_id: str, merged_dir: Path, register_run_id: str,
-                    prepared=None, base_path: str | None = None) -> dict:
-    """The evaluate stage on the merged folder vs the base, as a run nested in the register run."""
+def evaluate_as_served(cfg: Config, store: tracking.Store, source_run_id: str, adapter_dir: Path,
+                       register_run_id: str, prepared=None, base_path: str | None = None) -> dict:
+    """The evaluate stage on the adapter as it will be served vs the base, as a run nested in the register run."""
     from loraflow.stages import evaluate  # the gate is an evaluation: the same stage, run nested
 
-    result = evaluate.run(cfg, store=store, run_id=source_run_id, model_dir=merged_dir, parent_run_id=register_run_id,
-                          tags={Tags.GATE_FOR_RUN_ID: source_run_id}, prepared=prepared, base_path=base_path)
+    result = evaluate.run(cfg, store=store, run_id=source_run_id, adapter_dir=adapter_dir, as_served=True,
+                          parent_run_id=register_run_id, tags={Tags.GATE_FOR_RUN_ID: source_run_id},
+                          prepared=prepared, base_path=base_path)
     return result.summary
 
 
@@ -152,7 +156,8 @@ def version_tags(cfg: Config, source, summary: dict, study: str | None, forced: 
     metric = cfg.registry.gate_metric
     tags = {Tags.SOURCE_RUN_ID: source.info.run_id, Tags.REGISTER_RUN_ID: register_run_id,
             Tags.BASE_MODEL: cfg.model.name, Tags.DATA_DIGEST: source.data.tags.get(Tags.DATA_DIGEST),
-            Tags.STUDY: study, Tags.GATE_METRIC: metric, Tags.GATE_FORCED: str(forced).lower(),
+            Tags.STUDY: study, Tags.SERVED_DTYPE: models.name_of_dtype(models.served_dtype(cfg)),
+            Tags.GATE_METRIC: metric, Tags.GATE_FORCED: str(forced).lower(),
             Tags.GATE_MIN_IMPROVEMENT: cfg.registry.min_improvement, Tags.GATE_IMPROVEMENT: improvement(summary, metric),
             Tags.GATE_TUNED_SCORE: summary.get(role_key("tuned", metric)),
             Tags.GATE_BASE_SCORE: summary.get(role_key("base", metric)),
@@ -173,7 +178,9 @@ def model_card(cfg: Config, source, summary: dict, study: str | None) -> str:
     data_source = tags.get(Tags.DATA_SOURCE, cfg.data.path)
     lora_keys = ("r", "alpha", "dropout", "target_modules", "layers_to_transform")
     lines = [f"# {cfg.model_name}", "",
-             f"LoRA fine-tune of `{cfg.model.name}`, merged into the base ({cfg.registry.merge_dtype}).", "",
+             f"LoRA fine-tune of `{cfg.model.name}`, served as the adapter on the base in "
+             f"{models.name_of_dtype(models.served_dtype(cfg))}; merged into the base "
+             f"({models.name_of_dtype(models.merged_dtype(cfg))}) beside it.", "",
              f"- data: `{data_source}` (digest {tags.get(Tags.DATA_DIGEST, '?')})",
              f"- LoRA: {settings_line(params, 'lora', lora_keys)}",
              f"- training: {settings_line(params, 'train', ('objective', 'learning_rate', 'max_steps', 'epochs'))}",
@@ -287,10 +294,9 @@ def run(cfg: Config, *, store: tracking.Store | None = None, from_run: str | Non
         base_path = base_path or models.resolve_model_path(cfg.model.name, cfg)
         with tracking.stage_run(cfg, "register", store, parent_run_id=parent_run_id,
                                 tags={Tags.SOURCE_RUN_ID: source_run_id, **(tags or {})}) as active:
-            say(f"merging the adapter of run {source_run_id} into {cfg.model.name}")
-            merged_dir = models.merge_adapter(cfg, base_path, adapter_dir, workdir / "merged")
-            models.release_memory()  # the merge's model, before the gate loads two more
-            summary = evaluate_merged(cfg, store, source_run_id, merged_dir, active.info.run_id, prepared, base_path)
+            summary = evaluate_as_served(cfg, store, source_run_id, adapter_dir, active.info.run_id, prepared,
+                                         base_path)
+            models.release_memory()  # the gate's model, before the merge loads the base again
             passed, why = gate(cfg, summary, champion_score(cfg, current_champion(cfg, store)))
             mlflow.log_params({"registry.model_name": cfg.model_name, "registry.gate_metric": cfg.registry.gate_metric,
                                "registry.min_improvement": cfg.registry.min_improvement, "force": force})
@@ -299,9 +305,12 @@ def run(cfg: Config, *, store: tracking.Store | None = None, from_run: str | Non
             if not (passed or force):
                 return RegisterResult(active.info.run_id, source_run_id, False,
                                       f"not registered: {why} (--force registers anyway)", summary=summary)
-            info = serving.log_model(cfg, merged_dir)
+            say(f"merging the adapter of run {source_run_id} into {cfg.model.name}")
+            merged_dir = models.merge_adapter(cfg, base_path, adapter_dir, workdir / "merged")
+            models.release_memory()  # the merge's model, before the answer check loads the version
+            info = serving.log_model(cfg, merged_dir, adapter_dir)
             mlflow.log_metrics(tracking.evaluation_means(summary), model_id=info.model_id)  # the model's own figures
-            chat = serving.log_chat_model(cfg, merged_dir) if serving.has_chat_flavour(cfg, merged_dir) else None
+            chat = serving.log_chat_model(cfg, merged_dir, adapter_dir) if serving.has_chat_flavour(cfg, merged_dir) else None
             card = model_card(cfg, source, summary, from_study)
             labels = version_tags(cfg, source, summary, from_study, force and not passed, active.info.run_id)
             if chat is not None:

@@ -45,6 +45,7 @@ class Tags:
     SOURCE_RUN_ID = "loraflow.source_run_id"
     REGISTER_RUN_ID = "loraflow.register_run_id"
     REGISTERED_VERSION = "loraflow.registered_version"
+    SERVED_DTYPE = "loraflow.served_dtype"  # gate run and version: the dtype the version is judged and served in
     CHAT_MODEL_URI = "loraflow.chat_model_uri"  # version tag: the chat flavour logged beside the pyfunc
     GATE = "loraflow.gate"
     GATE_REASON = "loraflow.gate_reason"
