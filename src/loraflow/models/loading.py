@@ -1,6 +1,6 @@
 """Loading a model and its tokenizer: the compute dtype this machine runs natively, nf4 / int8 / none.
 
-    model, tokenizer = load_model(cfg, path)     # quantised per cfg (a quantised copy kept on the CPU)
+    model, tokenizer = load_model(cfg, path)     # quantised per cfg (a quantised copy kept, CPU or GPU)
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def load_model(cfg: Config, path: str, *, quantize: bool = True, dtype=None, dev
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
-        if quant is not None and not torch.cuda.is_available():
+        if quant is not None:  # on a GPU too: every tune trial would otherwise read and quantise the checkpoint
             model = load_quantized(cfg, path, kwargs)
         else:
             model = model_class(cfg).from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code, **kwargs)

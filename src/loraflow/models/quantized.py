@@ -35,7 +35,8 @@ STALE_STAGING_SECONDS = 3600  # a staging folder this old belongs to a process t
 
 def quantized_fingerprint(cfg: Config, path: str, kwargs: dict) -> dict | None:
     """What a quantised copy depends on: the source folder's files (name, size, mtime), the quantisation
-    settings, the dtype, the model class and the library versions (as JSON values). None for a hub id."""
+    settings, the dtype, the model class, the device it is quantised on (bitsandbytes' CPU and CUDA backends
+    each load their own) and the library versions (as JSON values). None for a hub id."""
     import bitsandbytes
     import torch
     import transformers
@@ -48,6 +49,7 @@ def quantized_fingerprint(cfg: Config, path: str, kwargs: dict) -> dict | None:
     fingerprint = {"source": str(folder.resolve()), "files": files, "dtype": str(kwargs["dtype"]),
                    "quantization": kwargs["quantization_config"].to_dict(), "class": model_class(cfg).__name__,
                    "trust_remote_code": cfg.model.trust_remote_code,
+                   "device": "cuda" if torch.cuda.is_available() else "cpu",
                    "versions": [torch.__version__, transformers.__version__, bitsandbytes.__version__]}
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
@@ -59,7 +61,8 @@ def fingerprint_key(fingerprint: dict) -> str:
 def load_quantized(cfg: Config, path: str, kwargs: dict):
     """The base model quantised per kwargs, from its kept copy when there is one, else quantised now and
     kept. On the CPU, bitsandbytes takes seconds to quantise even a small model at every load (every
-    training run, every tune trial); loading the saved nf4/int8 weights gives the same model in a blink."""
+    training run, every tune trial); loading the saved nf4/int8 weights gives the same model in a blink. On a
+    GPU, transformers puts a quantised model on the current device, kept copy or not."""
     load = functools.partial(model_class(cfg).from_pretrained, trust_remote_code=cfg.model.trust_remote_code)
     cache, fingerprint = quantized_cache_dir(), quantized_fingerprint(cfg, path, kwargs)
     if cache is None or fingerprint is None:
