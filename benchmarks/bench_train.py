@@ -4,6 +4,7 @@
                                               [--variants full_head,no_dropout,no_autocast,
                                               torch_dropout,sdpa_attention,peft_input_cast,own_masks,
                                               peft_forward,shared_head,unfused_head]
+                                              [--shape tinyllama-1.1b]   # random weights of that architecture
 
 A = loraflow: models.load_model + models.attach_lora with model.dtype=auto (bf16 weights and bf16
 autocast on a CPU with AMX/AVX512-BF16), data.training_examples (completion-only labels) and
@@ -362,6 +363,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=("auto", "fp32"), default="auto",
                         help="loraflow's model.dtype (fp32: both arms in fp32, as on a CPU without native bf16)")
     parser.add_argument("--variants", default="", help=f"extra loraflow arms, comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--shape", default="", help="an architecture of benchmarks/shapes/ with random weights instead "
+                                                    "of SmolLM2, e.g. tinyllama-1.1b (results: train-<shape>[-fp32])")
     args = common.parse(parser, argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if set(args.variants) - set(VARIANTS):
@@ -389,7 +392,7 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     common.use_temporary_tracking()
-    model_path = common.model_for(args.smoke)
+    model_path = str(common.random_model_of_shape(args.shape)) if args.shape else common.model_for(args.smoke)
     cfg = common.bench_config(model_path, model={"dtype": args.dtype}, data={"max_length": args.max_length},
                               train={"max_steps": args.steps, "batch_size": args.batch_size,
                                      "eval_rows": args.heldout_rows})
@@ -506,7 +509,8 @@ def report(args, cfg, samples, losses, weight_counts, peaks, peak_runs, loraflow
     if args.variants:
         payload["variants"] = variants_report(args.variants, samples, losses)
         summary += [line for v in payload["variants"].values() for line in v["summary"]]
-    common.write_results("train" if args.dtype == "auto" else f"train-{args.dtype}", args, payload)
+    name = "-".join(["train", *([args.shape] if args.shape else []), *([args.dtype] if args.dtype != "auto" else [])])
+    common.write_results(name, args, payload)
     return payload
 
 
