@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test test-fast bench ui clean
+.PHONY: setup demo test test-fast gpu-check bench ui clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ test: setup  ## the whole test suite, real-model tests included
 
 test-fast: setup  ## without the tests that load the real SmolLM2 / MiniLM models
 	$(PY) -m pytest -m "not real_model"
+
+gpu-check: setup  ## on a CUDA machine: pytest -m gpu, then quickstart nf4 train -> evaluate -> register -> serve, timed
+	# the gpu extra: nvidia-ml-py, for MLflow's GPU system metrics in the training runs
+	$(PIP) install -q -e ".[gpu]"
+	$(PY) tests/gpu/gpu_check.py
 
 bench: setup  ## every benchmark, results in benchmarks/results/
 	$(PY) benchmarks/run_all.py
