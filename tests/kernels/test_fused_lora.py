@@ -13,12 +13,13 @@ BATCH = {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3,
          "labels": torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [-100, -100, -100, 5, 4, 3, 2, 1]])}
 
 
-def lora_model(tiny_llama, dtype: str = "fp32", dropout: float = 0.3, quantization: str = "none"):
+def lora_model(tiny_llama, dtype: str = "fp32", dropout: float = 0.3, quantization: str = "none",
+               device: str | None = None):
     cfg = from_dict({"name": "m", "data": {"path": "x"}, "model": {"name": str(tiny_llama),
                                                                     "quantization": quantization, "dtype": dtype},
                      "lora": {"r": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear"}})
     torch.manual_seed(0)
-    model = models.attach_lora(models.load_model(cfg, str(tiny_llama))[0], cfg)
+    model = models.attach_lora(models.load_model(cfg, str(tiny_llama), device=device)[0], cfg)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero, where the LoRA path would add nothing to compare
             torch.nn.init.normal_(parameter, std=0.5)
@@ -38,11 +39,16 @@ def with_peft_forward(model) -> int:
     return len(layers)
 
 
+def on_device(model) -> dict:
+    """BATCH where `model` is: load_model puts an unquantised model on the GPU when one is visible."""
+    return {key: value.to(model.device) for key, value in BATCH.items()}
+
+
 def loss_and_gradients(model, autocast: bool = False):
     model.zero_grad()
     torch.manual_seed(1)  # the same dropout masks for both forwards
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(**BATCH).loss
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**on_device(model)).loss
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
@@ -79,7 +85,7 @@ def test_dropout_is_still_drawn_shared_and_scaled_in_training_and_off_in_eval(ti
     draws = []
     kept = SixteenBitDropout.kept
     monkeypatch.setattr(SixteenBitDropout, "kept", lambda self, shape: draws.append(shape) or kept(self, shape))
-    model = lora_model(tiny_llama).train()
+    model = lora_model(tiny_llama, device="cpu").train()  # the sixteen-bit masks are drawn on the CPU only
     torch.manual_seed(1)
     first = model(**BATCH).loss
     assert len(draws) == 8  # 2 layers x 4 inputs: q, k and v (and gate and up) share a mask
@@ -95,17 +101,18 @@ def test_dropout_is_still_drawn_shared_and_scaled_in_training_and_off_in_eval(ti
 
 def test_disabled_merged_and_other_cases_run_peft_forward(tiny_llama):
     model = lora_model(tiny_llama, dropout=0.0).eval()
+    batch = on_device(model)
     with torch.no_grad():
-        fused = model(**BATCH).logits
+        fused = model(**batch).logits
         with model.disable_adapter():
-            base = model(**BATCH).logits
+            base = model(**batch).logits
         assert not torch.allclose(fused, base, atol=1e-4)  # the adapter changes the output
         model.merge_adapter()
-        assert torch.allclose(model(**BATCH).logits, fused, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(model(**batch).logits, fused, rtol=1e-4, atol=1e-5)
         model.unmerge_adapter()
         merged = model.merge_and_unload()
         assert [m for m in merged.modules() if "forward" in vars(m)] == [merged.get_output_embeddings()]  # head_loss
-        assert torch.allclose(merged(**BATCH).logits, fused, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(merged(**batch).logits, fused, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("quantization,layers", [("none", 14), ("nf4", 14), ("int8", 0)])

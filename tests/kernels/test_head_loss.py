@@ -45,10 +45,15 @@ def batches(model, cfg):
     return {"labels": BATCH, "labelled_tokens": collate(examples)}
 
 
+def on_device(batch: dict, model) -> dict:
+    """`batch` where `model` is: load_model puts an unquantised model on the GPU when one is visible."""
+    return {key: value.to(model.device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
 def loss_and_gradients(model, batch, autocast: bool = False, **extra):
     model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        output = model(**batch, **extra)
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=autocast):
+        output = model(**on_device(batch, model), **extra)
     output.loss.backward()
     return output, [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
@@ -99,12 +104,12 @@ def test_evaluation_no_grad_and_generation_compute_logits_as_before(tiny_llama):
     with torch.no_grad():
         for mode in ("eval", "train"):  # a validation loss under no_grad, in either mode
             getattr(fused, mode)(), getattr(plain, mode)()
-            output, expected = fused(**BATCH), plain(**BATCH)
+            output, expected = fused(**on_device(BATCH, fused)), plain(**on_device(BATCH, plain))
             assert output.logits.shape == (2, 8, fused.config.vocab_size)
             assert torch.allclose(output.logits, expected.logits, atol=1e-6)
             assert torch.allclose(output.loss, expected.loss, rtol=1e-6)
         fused.eval(), plain.eval()
-        prompt = BATCH["input_ids"][:1, :4]
+        prompt = BATCH["input_ids"][:1, :4].to(fused.device)
         assert torch.equal(fused.generate(input_ids=prompt, max_new_tokens=4, do_sample=False),
                            plain.generate(input_ids=prompt, max_new_tokens=4, do_sample=False))
 

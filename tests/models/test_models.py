@@ -70,7 +70,7 @@ def test_a_quantised_base_is_kept_once_and_loads_the_same_without_quantising(tin
             patched.setattr(bitsandbytes.functional, name, no_quantising)
         second, _ = models.load_model(cfg, str(source))
     with torch.no_grad():
-        assert torch.equal(first(ids).logits, second(ids).logits)
+        assert torch.equal(first(ids.to(first.device)).logits, second(ids.to(second.device)).logits)
     assert models.attach_lora(second, cfg).peft_config["default"].base_model_name_or_path == str(source)
 
     monkeypatch.setenv("LORAFLOW_QUANTIZED_CACHE", "")
@@ -118,7 +118,7 @@ def test_a_damaged_quantised_copy_is_made_again(tiny_llama, tmp_path, monkeypatc
     second, _ = models.load_model(cfg, str(source))
     assert "quantising again" in capsys.readouterr().err
     with torch.no_grad():
-        assert torch.equal(first(ids).logits, second(ids).logits)
+        assert torch.equal(first(ids.to(first.device)).logits, second(ids.to(second.device)).logits)
     third, _ = models.load_model(cfg, str(source))  # the copy was made again, whole
     assert (kept / "model.safetensors").stat().st_size > 1000 and [p.name for p in kept.parent.iterdir()] == [kept.name]
 
@@ -194,7 +194,7 @@ def test_embedded_smollm2_trains_with_nf4_and_generates(run_cli, tmp_path):
     model = models.load_adapter(model, adapter)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Describe a blue mug."}],
                                            tokenize=False, add_generation_prompt=True)
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert len(text.split()) >= 3
@@ -219,6 +219,7 @@ def attention_config(tiny_llama, kind: str = "causal"):
                       "train": {"batch_size": 2}, "lora": {"r": 2}})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU lever: faster_cpu_attention does nothing on a GPU machine")
 def test_training_attention_is_eager_only_where_it_measures_faster(tiny_llama, monkeypatch):
     """faster_cpu_attention times both at the training shape: with sdpa made 50 ms slower it picks eager (and the
     model then trains through eager attention); for a training that is not causal it changes nothing."""
@@ -241,6 +242,7 @@ def test_training_attention_is_eager_only_where_it_measures_faster(tiny_llama, m
     assert models.faster_cpu_attention(model, cfg) == "eager"  # not a causal training: nothing measured or changed
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU lever: attach_lora keeps PEFT's casts on a GPU machine")
 def test_under_cpu_autocast_lora_inputs_skip_peft_casts_with_the_same_loss_and_gradients(tiny_llama):
     """In a bf16 model with fp32 adapter weights, PEFT casts each LoRA input to fp32 and autocast casts it back:
     attach_lora skips that cast while CPU autocast is on (the dropout sees bf16), giving the same loss and

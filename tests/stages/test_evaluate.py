@@ -64,7 +64,7 @@ def test_batched_left_padded_greedy_equals_one_prompt_at_a_time(tiny_llama, writ
                "oak desk", "lamp " * 12, "Describe: blue cotton shirt", "a b"]
     batched = generation.generate(model, tokenizer, prompts, cfg)
     for prompt, answer in zip(prompts, batched):
-        ids = torch.tensor([data.prompt_token_ids(tokenizer, prompt, cfg)])
+        ids = torch.tensor([data.prompt_token_ids(tokenizer, prompt, cfg)], device=model.device)
         output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id)

@@ -37,7 +37,7 @@ def test_merged_model_equals_base_plus_adapter(tiny_llama, write_project, tmp_pa
 
     merged_dir = models.merge_adapter(cfg, str(tiny_llama), tmp_path / "adapter", tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    base, _ = models.load_model(cfg, str(tiny_llama), quantize=False, dtype=torch.float32)
+    base, _ = models.load_model(cfg, str(tiny_llama), quantize=False, dtype=torch.float32, device="cpu")  # where merged is
     reference = models.load_adapter(base, tmp_path / "adapter")
     input_ids = torch.tensor([[1, 5, 17, 42, 99, 7]])
     with torch.no_grad():

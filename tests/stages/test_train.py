@@ -354,7 +354,8 @@ def test_the_head_and_loss_skip_positions_without_labels(tiny_llama, write_proje
     examples = data.training_examples(data.prepare(cfg).splits["train"], tokenizer, cfg)
     by_prompt_length = {e["labels"].count(data.IGNORE_INDEX): e for e in examples}  # rows whose labels start apart
     assert len(by_prompt_length) >= 2
-    batch = collate(list(by_prompt_length.values())[:4])
+    batch = {key: value.to(model.device) if isinstance(value, torch.Tensor) else value  # the GPU, where visible
+             for key, value in collate(list(by_prompt_length.values())[:4]).items()}
     labelled = (batch["labels"][:, 1:] != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     assert torch.equal(batch["logits_to_keep"], labelled) and len(labelled) < batch["input_ids"].shape[1] - 1
     kept_labels = batch["labels"][:, 1:][:, labelled]
