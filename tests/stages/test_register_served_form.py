@@ -66,6 +66,14 @@ def test_the_version_is_gated_and_served_as_the_adapter_on_the_base_in_the_recor
     served = mlflow.pyfunc.load_model("models:/tiny@champion").predict(pd.DataFrame({"prompt": [first["prompt"]]}))
     assert served == [first["tuned_output"]], "the served greedy answer is the one the gate judged"
 
+    code, _, err = run_cli("evaluate", project, "--model-uri", "models:/tiny@champion", "--set",
+                           "registry.serve_dtype=fp32")  # the version's own dtype wins: it was judged in bf16
+    assert code == 0, err
+    [again] = [r for r in runs_of("evaluate") if r.info.run_id != gate.info.run_id]
+    assert again.data.tags["loraflow.served_dtype"] == "bf16"
+    assert mlflow.artifacts.load_text(f"runs:/{again.info.run_id}/eval/details.jsonl") == mlflow.artifacts.load_text(
+        f"runs:/{gate.info.run_id}/eval/details.jsonl")
+
     local = Path(mlflow.artifacts.download_artifacts("models:/tiny@champion", dst_path=str(tmp_path / "v")))
     assert json.loads((local / "artifacts" / "merged" / "config.json").read_text())["dtype"] == "bfloat16"  # auto
     assert (local / "artifacts" / "adapter" / "adapter_config.json").is_file()

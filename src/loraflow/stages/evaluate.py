@@ -5,10 +5,11 @@
     result = evaluate.run(cfg, run_id=RUN_ID)             # EvalResult(run_id, summary, details)
 
 The tuned model is a training run's adapter over the base (the base is loaded once and answers with
-the adapter disabled), a registered model's merged folder, a local adapter folder, or a local merged
-folder. An adapter is judged as trained (model.quantization) unless as_served (the gate): then as a
-registered version is served, on the unquantised base in registry.serve_dtype. Both answer the prompts
-of the eval.split split (test by default) with the same decoding; the base is asked
+the adapter disabled), a registered version (judged as it is served: see below), a local adapter
+folder, or a local merged folder. An adapter is judged as trained (model.quantization) unless as
+served (the gate, a registered version): then on the unquantised base in registry.serve_dtype (a
+version's own). Both answer the prompts of the eval.split split (test by default) with the same
+decoding; the base is asked
 data.base_prompt_template's prompt where one is set (e.g. without the tags the tuned model learned),
 also for its validation loss. `eval.metrics` score the answers per seed of `eval.seeds`, and a paired
 bootstrap over items (each with all its seeds) gives a 95% interval for each tuned - base difference,
@@ -49,6 +50,7 @@ class TunedModel:
     train_run_id: str | None = None  # the run it judges; tags link both ways
     description: str = ""
     as_served: bool = False  # an adapter judged as a registered version is served (models.load_served), not trained
+    serve_dtype: str | None = None  # a registered version's recorded registry.serve_dtype (else the config's)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -96,6 +98,19 @@ def download_model_uri(model_uri: str, into: Path) -> Path:
     return folders[0]
 
 
+def registered_model(model_uri: str, scratch: Path, train_run_id: str | None) -> TunedModel:
+    """A logged loraflow model, judged as it is served: its adapter on the base in the dtype it recorded; a model
+    logged before adapters were kept (or by hand) is judged from its merged folder."""
+    merged = download_model_uri(model_uri, scratch)
+    adapter = merged.parent / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        return TunedModel(model_dir=merged, description=model_uri, train_run_id=train_run_id)
+    flavour = mlflow.models.Model.load(str(merged.parent.parent / "MLmodel")).flavors.get("python_function", {})
+    settings = flavour.get("config") or {}  # the pyfunc's model_config, as MLmodel stores it
+    return TunedModel(adapter_dir=adapter, description=model_uri, train_run_id=train_run_id, as_served=True,
+                      serve_dtype=settings.get("registry", {}).get("serve_dtype"))
+
+
 def model_version_run_id(model_uri: str) -> str | None:
     """The training run behind a registered version (`models:/name@alias` or `models:/name/3`): the
     version's `loraflow.source_run_id` tag (set by the registry stage), else the run that logged it."""
@@ -130,8 +145,7 @@ def resolve_tuned(cfg: Config, store: tracking.Store, run_id, model_uri, adapter
             raise LoraflowError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing)")
         return TunedModel(adapter_dir=Path(adapter_dir), train_run_id=run_id, description=f"adapter {adapter_dir}")
     if model_uri:
-        return TunedModel(model_dir=download_model_uri(model_uri, scratch), description=model_uri,
-                          train_run_id=run_id or model_version_run_id(model_uri))
+        return registered_model(model_uri, scratch, run_id or model_version_run_id(model_uri))
     run_id = run_id or latest_training_run(cfg, store)
     return TunedModel(adapter_dir=tracking.download_run_artifacts(run_id, "adapter", scratch), train_run_id=run_id,
                       description=f"run {run_id}")
@@ -170,11 +184,20 @@ def each_model(cfg: Config, tuned: TunedModel, base_path: str):
         models.release_memory()
 
 
+def served_config(cfg: Config, tuned: TunedModel) -> Config:
+    """cfg with the registered version's own served dtype, where it recorded one."""
+    import dataclasses
+
+    if not tuned.serve_dtype:
+        return cfg
+    return dataclasses.replace(cfg, registry=dataclasses.replace(cfg.registry, serve_dtype=tuned.serve_dtype))
+
+
 def adapter_on_base(cfg: Config, tuned: TunedModel, base_path: str):
     """(model, tokenizer): the adapter on the base as served (unquantised, registry.serve_dtype) or as trained
     (model.quantization, model.dtype)."""
     if tuned.as_served:
-        return models.load_served(cfg, base_path, tuned.adapter_dir)
+        return models.load_served(served_config(cfg, tuned), base_path, tuned.adapter_dir)
     base, tokenizer = models.load_model(cfg, base_path)
     try:
         return models.load_adapter(base, tuned.adapter_dir), tokenizer
@@ -364,7 +387,7 @@ def run(cfg: Config, *, store: tracking.Store | None = None, run_id: str | None 
     test_rows, val_rows = held_out_rows(cfg, prepared)
     with tempfile.TemporaryDirectory(prefix="loraflow-evaluate-") as scratch:  # a downloaded model, removed after
         tuned = resolve_tuned(cfg, store, run_id, model_uri, adapter_dir, model_dir, Path(scratch))
-        tuned.as_served = as_served and tuned.adapter_dir is not None
+        tuned.as_served = tuned.as_served or (as_served and tuned.adapter_dir is not None)
         return evaluate_tuned(cfg, store, tuned, names, prepared, test_rows, val_rows, base_path, parent_run_id, tags)
 
 
@@ -378,7 +401,8 @@ def evaluate_tuned(cfg: Config, store: tracking.Store, tuned: TunedModel, names:
     run_tags = {Tags.DATA_DIGEST: prepared.digest, Tags.DATA_SOURCE: prepared.source,
                 Tags.TUNED_MODEL: tuned.description[:500],
                 **({Tags.EVALUATED_RUN_ID: tuned.train_run_id} if tuned.train_run_id else {}),
-                **({Tags.SERVED_DTYPE: models.name_of_dtype(models.served_dtype(cfg))} if tuned.as_served else {}),
+                **({Tags.SERVED_DTYPE: models.name_of_dtype(models.served_dtype(served_config(cfg, tuned)))}
+                   if tuned.as_served else {}),
                 **(tags or {})}
     with tracking.stage_run(cfg, "evaluate", store, parent_run_id=parent_run_id, tags=run_tags) as active:
         mlflow.log_params(tracking.flat_params(cfg))
