@@ -85,23 +85,10 @@ def latest_training_run(cfg: Config, store: tracking.Store) -> str:
     return runs[0].info.run_id
 
 
-def download_model_uri(model_uri: str, into: Path) -> Path:
-    """Download a logged model into the folder `into`; its merged Hugging Face folder (the shallowest one with
-    a config.json)."""
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(into)))
-    except (mlflow.exceptions.MlflowException, OSError) as exc:
-        raise LoraflowError(f"unknown model URI {model_uri!r}: {str(exc).splitlines()[0]}") from None
-    folders = sorted((p.parent for p in local.rglob("config.json")), key=lambda p: len(p.parts))
-    if not folders:
-        raise LoraflowError(f"{model_uri} holds no merged Hugging Face model folder (no config.json)")
-    return folders[0]
-
-
 def registered_model(model_uri: str, scratch: Path, train_run_id: str | None) -> TunedModel:
     """A logged loraflow model, judged as it is served: its adapter on the base in the dtype it recorded; a model
     logged before adapters were kept (or by hand) is judged from its merged folder."""
-    merged = download_model_uri(model_uri, scratch)
+    merged = tracking.download_model_uri(model_uri, scratch)
     adapter = merged.parent / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         return TunedModel(model_dir=merged, description=model_uri, train_run_id=train_run_id)
@@ -109,21 +96,6 @@ def registered_model(model_uri: str, scratch: Path, train_run_id: str | None) ->
     settings = flavour.get("config") or {}  # the pyfunc's model_config, as MLmodel stores it
     return TunedModel(adapter_dir=adapter, description=model_uri, train_run_id=train_run_id, as_served=True,
                       serve_dtype=settings.get("registry", {}).get("serve_dtype"))
-
-
-def model_version_run_id(model_uri: str) -> str | None:
-    """The training run behind a registered version (`models:/name@alias` or `models:/name/3`): the
-    version's `loraflow.source_run_id` tag (set by the registry stage), else the run that logged it."""
-    reference = model_uri.removeprefix("models:/")
-    client = mlflow.MlflowClient()
-    try:
-        if "@" in reference:
-            version = client.get_model_version_by_alias(*reference.split("@", 1))
-        else:
-            version = client.get_model_version(*reference.rsplit("/", 1))
-    except (mlflow.exceptions.MlflowException, TypeError):
-        return None
-    return version.tags.get(tracking.Tags.SOURCE_RUN_ID) or version.run_id or None
 
 
 def resolve_tuned(cfg: Config, store: tracking.Store, run_id, model_uri, adapter_dir, model_dir,
@@ -145,7 +117,7 @@ def resolve_tuned(cfg: Config, store: tracking.Store, run_id, model_uri, adapter
             raise LoraflowError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing)")
         return TunedModel(adapter_dir=Path(adapter_dir), train_run_id=run_id, description=f"adapter {adapter_dir}")
     if model_uri:
-        return registered_model(model_uri, scratch, run_id or model_version_run_id(model_uri))
+        return registered_model(model_uri, scratch, run_id or tracking.model_version_run_id(model_uri))
     run_id = run_id or latest_training_run(cfg, store)
     return TunedModel(adapter_dir=tracking.download_run_artifacts(run_id, "adapter", scratch), train_run_id=run_id,
                       description=f"run {run_id}")

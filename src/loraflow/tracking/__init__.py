@@ -16,8 +16,8 @@ from loraflow.tracking.lineage import (TRAINING_SECTIONS, file_digest, first_lin
 from loraflow.tracking.liveness import Heartbeat, heartbeat_seconds, is_dead, process_alive, reap_dead_runs
 from loraflow.tracking.names import (EVAL_LOSS, ROLES, SUFFIXES, TRAIN_LOSS, Tags, evaluated_metrics, evaluation_means,
                                      role_key, split_role_key)
-from loraflow.tracking.runs import (MetricBuffer, StoreUnavailable, download_run_artifacts, log_config, log_figure_png,
-                                    run_status_for, stage_run)
+from loraflow.tracking.runs import (MetricBuffer, StoreUnavailable, download_model_uri, download_run_artifacts,
+                                    log_config, log_figure_png, model_version_run_id, run_status_for, stage_run)
 from loraflow.tracking.store import (Store, connect, experiment_url, find_runs, get_or_create_experiment, get_run,
                                      is_main_process, local_config_file, local_defaults)
 
@@ -25,5 +25,6 @@ __all__ = ["TRAINING_SECTIONS", "file_digest", "first_line", "flat_params", "git
            "training_hash", "Heartbeat", "heartbeat_seconds", "is_dead", "process_alive", "reap_dead_runs",
            "EVAL_LOSS", "ROLES", "SUFFIXES", "TRAIN_LOSS", "Tags", "evaluated_metrics", "evaluation_means",
            "role_key", "split_role_key", "MetricBuffer", "StoreUnavailable", "download_run_artifacts", "log_config",
+           "download_model_uri", "model_version_run_id",
            "log_figure_png", "run_status_for", "stage_run", "Store", "connect", "experiment_url", "find_runs",
            "get_or_create_experiment", "get_run", "is_main_process", "local_config_file", "local_defaults"]

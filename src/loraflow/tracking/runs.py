@@ -127,3 +127,31 @@ def download_run_artifacts(run_id: str, path: str, into: Path) -> Path:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(into)))
     except (mlflow.exceptions.MlflowException, OSError):
         raise LoraflowError(f"run {run_id} has no '{path}' artifact") from None
+
+
+def download_model_uri(model_uri: str, into: Path) -> Path:
+    """Download a logged model into the folder `into`; its merged Hugging Face folder (the shallowest one with
+    a config.json)."""
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(into)))
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        raise LoraflowError(f"unknown model URI {model_uri!r}: {str(exc).splitlines()[0]}") from None
+    folders = sorted((p.parent for p in local.rglob("config.json")), key=lambda p: len(p.parts))
+    if not folders:
+        raise LoraflowError(f"{model_uri} holds no merged Hugging Face model folder (no config.json)")
+    return folders[0]
+
+
+def model_version_run_id(model_uri: str) -> str | None:
+    """The training run behind a registered version (`models:/name@alias` or `models:/name/3`): the
+    version's `loraflow.source_run_id` tag (set by the registry stage), else the run that logged it."""
+    reference = model_uri.removeprefix("models:/")
+    client = mlflow.MlflowClient()
+    try:
+        if "@" in reference:
+            version = client.get_model_version_by_alias(*reference.split("@", 1))
+        else:
+            version = client.get_model_version(*reference.rsplit("/", 1))
+    except (mlflow.exceptions.MlflowException, TypeError):
+        return None
+    return version.tags.get(Tags.SOURCE_RUN_ID) or version.run_id or None
