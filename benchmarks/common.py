@@ -229,3 +229,69 @@ def use_temporary_tracking() -> str:
     os.environ.pop("MLFLOW_RUN_ID", None)
     tracking.connect(uri, "benchmarks")
     return uri
+
+
+SHAPES_DIR = BENCH_DIR / "shapes"
+
+
+def shape_values(name: str) -> dict:
+    """benchmarks/shapes/<name>.json: an architecture's published config values (keys starting with _ are notes)."""
+    path = SHAPES_DIR / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
+        raise SystemExit(f"unknown shape {name!r}: choose from {', '.join(known)}")
+    return json.loads(path.read_text())
+
+
+def random_model_of_shape(name: str) -> Path:
+    """A model folder of shape `name` (benchmarks/shapes/<name>.json) with random bf16 weights and SmolLM2's tokenizer.
+
+    Built once into <LORAFLOW_CACHE>/shapes/<name>-<digest of the shape file> and reused; the tokenizer files come
+    from the embedded default model's folder, so no download is needed. A shape marked _projection_only (8B) is
+    never built.
+    """
+    import hashlib
+
+    from loraflow import models
+
+    values = shape_values(name)
+    if values.get("_projection_only"):
+        raise SystemExit(f"shape {name!r} is for the memory projection only: it is never built")
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+    folder = models.cache_dir() / "shapes" / f"{name}-{digest}"
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        save_random_weights(values, staging)
+        copy_tokenizer_files(Path(models.resolve_model_path("smollm2-135m-instruct")), staging)
+        staging.rename(folder)
+    except OSError:
+        if not (folder / "config.json").is_file():  # not another process finishing first: a real failure
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def save_random_weights(values: dict, folder: Path) -> None:
+    """config.json and random bf16 safetensors for the LlamaConfig `values` (seeded: the same weights every build)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**{k: v for k, v in values.items() if not k.startswith("_")})
+    torch.manual_seed(0)
+    print(f"building a random-weight model of {config.num_hidden_layers} layers, hidden {config.hidden_size} "
+          f"in {folder.parent} (once)", file=sys.stderr, flush=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+
+
+def copy_tokenizer_files(source: Path, folder: Path) -> None:
+    """The tokenizer (and its chat template, generation config) of the model folder `source`, copied into `folder`."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+             "generation_config.json")
+    for name in names:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
