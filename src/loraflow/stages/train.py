@@ -26,6 +26,7 @@ import mlflow
 
 from loraflow import LoraflowError, data, models, say, tracking
 from loraflow.config import Config
+from loraflow.models import memory
 from loraflow.tracking import EVAL_LOSS, TRAIN_LOSS, Tags
 from loraflow.training.callback import (BEST_MARKER, Interrupted, LoraflowCallback, StopOnSignal, best_so_far,
                                         count_trained_tokens, training_seconds)
@@ -173,6 +174,7 @@ def train_in_run(cfg: Config, args, ranks: Ranks, stopper: StopOnSignal, run_id:
 
     transformers.set_seed(cfg.train.seed)  # the same LoRA initialisation in every process, run and job
     reset_peak_memory()  # train/peak_memory_mb: this run's, loading included
+    memory.check_training_fits(cfg, base_path)  # on a GPU: a clear error now rather than out of memory mid-run
     model, tokenizer = models.load_model(cfg, base_path)
     model = models.attach_lora(model, cfg)
     attention = ranks.from_main(models.faster_cpu_attention(model, cfg) if ranks.main else None)
