@@ -1,6 +1,10 @@
-"""Peak memory of LoRA training with nf4, int8 and none (bf16), each against fp32 LoRA.
+"""Peak memory of LoRA training with nf4, int8 and none (bf16), each against fp32 LoRA; or of every stage.
 
     .venv/bin/python benchmarks/bench_memory.py [--smoke] [--pairs 2] [--steps 2] [--configs none,int8,nf4]
+    .venv/bin/python benchmarks/bench_memory.py --stages [--smoke] [--shapes smollm2-135m,tinyllama-1.1b] [--reuse]
+
+--stages measures every stage at each shape in its own process and projects the 8B project's stages
+(benchmarks/memory_stages.py, results in memory-stages.json); what follows is the training comparison.
 
 Every configuration trains a few steps through loraflow's own path (models.load_model, attach_lora,
 training.trainer.build_trainer, Trainer.train) in a fresh subprocess, which reports its peak resident set size
@@ -116,11 +120,19 @@ def parse_args(argv=None):
     parser.add_argument("--configs", default=",".join(c for c in CONFIGURATIONS if c != "fp32"),
                         help="configurations to compare with fp32, comma-separated (default: none,int8,nf4)")
     parser.add_argument("--parallel", action="store_true", help="run a round's subprocesses at once (smoke default)")
+    parser.add_argument("--stages", action="store_true",
+                        help="peak memory of every stage at each of --shapes, and the projection at 8B "
+                             "(benchmarks/memory_stages.py; results in memory-stages.json)")
+    parser.add_argument("--shapes", default="smollm2-135m,tinyllama-1.1b",
+                        help="--stages: shapes to measure, comma-separated (smoke: a tiny random model)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="--stages: keep the shapes the results file already holds; measure only the others")
     parser.add_argument("--child", choices=[*CONFIGURATIONS, FLOOR], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = common.parse(parser, argv)
     args.steps = args.steps or (1 if args.smoke else 2)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [c for c in args.configs if c not in CONFIGURATIONS or c == "fp32"]
     if unknown:
         parser.error(f"unknown --configs {unknown}: choose from none, int8, nf4")
@@ -134,6 +146,10 @@ def main(argv=None) -> dict:
     if args.child:
         print(json.dumps(child(args.child, args.model, args.steps)), flush=True)
         return {}
+    if args.stages:
+        import memory_stages
+
+        return memory_stages.main(args)
     model_path = common.model_for(args.smoke)
     common.use_temporary_tracking()  # made once here, reused by every child
     names = [FLOOR, "fp32", *args.configs]

@@ -109,6 +109,24 @@ def test_levers_of_continued_pretraining_toggle_only_those_that_apply(tmp_path, 
     shutil.copy(tmp_path / "levers-cpt-smoke.json", table_dir / "levers-cpt.json")
 
 
+def test_memory_stages_measure_every_stage_and_project_the_8b_project(tmp_path, monkeypatch, bench_store):
+    monkeypatch.setenv("LORAFLOW_BENCH_TRACKING_URI", bench_store)
+    bench_module("bench_memory").main(["--smoke", "--stages", "--results-dir", str(tmp_path)])
+    record = json.loads((tmp_path / "memory-stages-smoke.json").read_text())
+    assert record["benchmark"] == "memory-stages" and record["smoke"] is True
+    assert COMMON_KEYS | {"projected_gib", "host_gib", "formula", "constants", "cross_prediction", "measured"} \
+        <= set(record)
+    stages = record["measured"]["tiny"]["stages"]
+    assert set(stages) == {"train", "train_checkpointed", "validation_loss", "evaluate", "merge", "gate",
+                           "serve_load"}
+    assert all(row["peak_gib"] > 0 and row["multiple_of_16bit_weights"] > 0 for row in stages.values())
+    devices = record["projected_gib"]
+    assert set(devices) == {"train", "validation_loss", "evaluate", "gate", "serve_load"}
+    assert all(gib > 0 for gib in devices.values()) and record["host_gib"]["merge"] > 0
+    assert record["ratio"] == max(devices.values()) / 24 == record["goals"][0]["value"]
+    assert "KV cache" in record["formula"] and "optimizer" in record["formula"]
+
+
 def test_docs_table_lists_every_goal(table_dir):
     run_all = bench_module("run_all")
     written = {p.stem for p in table_dir.glob("*.json")}
