@@ -86,18 +86,6 @@ def start_child(name: str, model_path: str, steps: int) -> subprocess.Popen:
                             env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
 
 
-def finish_child(name: str, process: subprocess.Popen) -> dict:
-    try:
-        out, err = process.communicate(timeout=1800)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise RuntimeError(f"memory child {name} took more than 30 minutes") from None
-    if process.returncode != 0:
-        raise RuntimeError(f"memory child {name} failed:\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def measure_rounds(names: list[str], model_path: str, steps: int, rounds: int, parallel: bool) -> dict:
     """name -> one result per round; a round runs every configuration once (at once when `parallel`:
     the peak RSS of a process does not depend on its neighbours, only the wall time does)."""
@@ -105,9 +93,9 @@ def measure_rounds(names: list[str], model_path: str, steps: int, rounds: int, p
     for round_index in range(rounds):
         if parallel:
             started = {name: start_child(name, model_path, steps) for name in names}
-            results = {name: finish_child(name, process) for name, process in started.items()}
+            results = {name: common.finish_child(name, process) for name, process in started.items()}
         else:
-            results = {name: finish_child(name, start_child(name, model_path, steps)) for name in names}
+            results = {name: common.finish_child(name, start_child(name, model_path, steps)) for name in names}
         for name, result in results.items():
             samples[name].append(result)
             print(f"[round {round_index + 1}] {name}: {result}", file=sys.stderr, flush=True)

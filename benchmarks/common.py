@@ -295,3 +295,19 @@ def copy_tokenizer_files(source: Path, folder: Path) -> None:
     for name in names:
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)
+
+
+def finish_child(name: str, process, timeout: float = 1800) -> dict:
+    """The JSON a benchmark's child process printed last; RuntimeError (with its stderr's tail) if it fails or
+    runs past `timeout` seconds."""
+    import subprocess
+
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise RuntimeError(f"benchmark child {name} took more than {timeout:.0f} s") from None
+    if process.returncode != 0:
+        raise RuntimeError(f"benchmark child {name} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])

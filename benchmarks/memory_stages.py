@@ -254,15 +254,7 @@ def start(stage: str, model_path: str, work: Path, smoke: bool, adapter: str | N
 
 
 def finish(stage: str, process: subprocess.Popen) -> dict:
-    try:
-        out, err = process.communicate(timeout=3600)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise RuntimeError(f"memory stage {stage} took more than an hour") from None
-    if process.returncode != 0:
-        raise RuntimeError(f"memory stage {stage} failed:\n{err[-3000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
+    result = common.finish_child(stage, process, timeout=3600)
     print(f"[{stage}] peak {result['peak_mb']:.0f} MB, after loading {result['after_load_peak_mb']} MB",
           file=sys.stderr, flush=True)
     return result

@@ -100,20 +100,14 @@ def serve_one_request(process: subprocess.Popen, port: int) -> str:
     """Wait for the server to answer /ping, then POST PROMPT to /invocations; the answer."""
     import json
 
+    from loraflow import LoraflowError
+    from loraflow.serving.server import wait_until_ready  # imports mlflow: only when a server is checked
+
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_READY_SECONDS
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with code {process.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the server was not ready after {SERVER_READY_SECONDS} s")
-        time.sleep(POLL_SECONDS)
+    try:
+        wait_until_ready(url, SERVER_READY_SECONDS, process, POLL_SECONDS)
+    except LoraflowError as exc:  # a failed step, as run_step reports every other
+        raise RuntimeError(str(exc)) from None
     payload = {"dataframe_records": [{"prompt": PROMPT}], "params": {"max_new_tokens": 32}}
     request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
