@@ -90,32 +90,68 @@ def generate(model, tokenizer, prompts: list[str], cfg: Config, *, seed: int | N
     tokens are decoded (seq2seq models output only new tokens). `seed` seeds sampling. Past
     `deadline` (a time.monotonic() value) generation stops and DeadlinePassed is raised.
     """
+    try:
+        new_ids = generate_encoded(model, tokenizer, encode_prompts(tokenizer, prompts, cfg), cfg, seed=seed,
+                                   deadline=deadline, progress=progress)
+    except DeadlinePassed as passed:
+        raise DeadlinePassed([decoded(tokenizer, ids) for ids in passed.answers]) from None
+    return [decoded(tokenizer, ids) for ids in new_ids]
+
+
+def decoded(tokenizer, new_ids: list[int]) -> str:
+    """An answer's text as evaluation scores it: special tokens dropped, whitespace stripped."""
+    return tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+
+
+def generate_encoded(model, tokenizer, encoded: list[list[int]], cfg: Config, *, seed: int | None = None,
+                     deadline: float | None = None, progress: bool = False, stop_strings: list[str] | None = None,
+                     stopping: list | None = None, streamer=None) -> list[list[int]]:
+    """The new token ids after each encoded prompt, in the order given: `generate`'s batches and decoding.
+
+    A row's ids end with its stop token when one was generated (the padding after it is dropped);
+    `stop_strings` also end a row (transformers' StopStringCriteria), `stopping` adds criteria (each
+    answering per row), `streamer` receives the tokens (one row at a time: a streamer takes batches
+    of one). Past `deadline`, DeadlinePassed carries the ids generated so far.
+    """
     import torch
     import transformers
     from tqdm.auto import tqdm
 
-    encoded = encode_prompts(tokenizer, prompts, cfg)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    size = cfg.eval.batch_size
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    size = 1 if streamer is not None else cfg.eval.batch_size
     batches = [order[start:start + size] for start in range(0, len(order), size)]
     settings = generation_settings(model, tokenizer, cfg)
-    stopping = deadline_criteria(deadline)
+    if stop_strings:
+        settings = {**settings, "stop_strings": stop_strings, "tokenizer": tokenizer}
+    criteria = deadline_criteria(deadline)
+    criteria.extend(stopping or [])
     causal = cfg.model.kind == "causal"
     if seed is not None:
         transformers.set_seed(seed)
-    answers = [""] * len(prompts)
+    answers: list[list[int]] = [[] for _ in encoded]
     for batch in tqdm(batches, desc="generating", unit="batch", leave=False, disable=not progress):
         input_ids, attention_mask = pad_batch([encoded[i] for i in batch], tokenizer.pad_token_id, left=causal)
         with torch.inference_mode():
             output = model.generate(input_ids=input_ids.to(model.device),
                                     attention_mask=attention_mask.to(model.device),
-                                    stopping_criteria=stopping, **settings)
-        new_tokens = output[:, input_ids.shape[1]:] if causal else output
+                                    stopping_criteria=criteria, streamer=streamer, **settings)
+        new_tokens = output[:, input_ids.shape[1]:] if causal else output[:, 1:]
         for index, tokens in zip(batch, new_tokens):
-            answers[index] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            answers[index] = ended_at_stop(tokens.tolist(), settings["eos_token_id"], tokenizer.pad_token_id)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlinePassed(answers)
     return answers
+
+
+def ended_at_stop(tokens: list[int], stop_ids: list[int], pad_id: int | None) -> list[int]:
+    """A row's new ids up to and including its first stop token; without one, less the padding after an end."""
+    stops = set(stop_ids)
+    for position, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:position + 1]
+    while tokens and pad_id is not None and tokens[-1] == pad_id:
+        tokens = tokens[:-1]
+    return tokens
 
 
 def validation_loss(model, tokenizer, rows: list[dict], cfg: Config) -> float:
@@ -185,26 +221,12 @@ def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 def generate_from_ids(model, tokenizer, prompt_ids: list[int], cfg: Config, *, seed: int | None = None,
                       deadline: float | None = None, stop_strings: list[str] | None = None) -> list[int]:
-    """The new token ids a causal model generates after one already-encoded prompt.
+    """The new token ids a causal model generates after one already-encoded prompt (generate_encoded's).
 
-    Decoding is `generate`'s (greedy unless eval.temperature > 0, the same stop tokens, `seed`, the
-    deadline), so the answer equals `generate`'s for a prompt that encodes to `prompt_ids`. The ids end
-    with the stop token when one was generated; `stop_strings` also end generation (transformers'
-    StopStringCriteria). Past `deadline`, DeadlinePassed carries the text decoded so far.
+    Past `deadline`, DeadlinePassed carries the text decoded so far.
     """
-    import torch
-    import transformers
-
-    settings = generation_settings(model, tokenizer, cfg)
-    if stop_strings:
-        settings = {**settings, "stop_strings": stop_strings, "tokenizer": tokenizer}
-    if seed is not None:
-        transformers.set_seed(seed)
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
-    with torch.inference_mode():
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                stopping_criteria=deadline_criteria(deadline), **settings)
-    new_ids = output[0, len(prompt_ids):].tolist()
-    if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlinePassed([tokenizer.decode(new_ids, skip_special_tokens=True).strip()])
-    return new_ids
+    try:
+        return generate_encoded(model, tokenizer, [prompt_ids], cfg, seed=seed, deadline=deadline,
+                                stop_strings=stop_strings)[0]
+    except DeadlinePassed as passed:
+        raise DeadlinePassed([decoded(tokenizer, passed.answers[0])]) from None

@@ -14,8 +14,8 @@ already the installed package answers for it, through `loraflow.serving.TextGene
 and the helpers its chat flavour calls. `UVICORN_LOOP=loraflow.serving:server_loop` names the
 server's event loop.
 """
-from loraflow.serving.batching import (BATCH_WAIT_SECONDS, MAX_BATCH_ROWS, SERVER_LOOP_ENV, Request, model_thread,
-                                       run_in_turn, server_loop)
+from loraflow.serving.batching import (BATCH_WAIT_SECONDS, MAX_BATCH_ROWS, SERVER_LOOP_ENV, Engine, Job,
+                                       model_thread, run_in_turn, server_loop)
 from loraflow.serving.pyfunc import (has_chat_flavour, log_chat_model, log_model, model_signature,
                                      pip_requirements)
 from loraflow.serving.requests import (GENERATION_DEFAULTS, MAX_ROWS, MAX_SEED, REQUEST_SECONDS_ENV,

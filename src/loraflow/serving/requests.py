@@ -33,7 +33,7 @@ import os
 import pandas as pd  # mlflow.pyfunc has imported it already
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from loraflow.config import Config
 
@@ -52,6 +52,14 @@ logger = logging.getLogger(__name__)
 def invalid(message: str) -> MlflowException:
     """An error the scoring server answers with HTTP 400."""
     return MlflowException.invalid_parameter_value(message)
+
+
+class NoRoom(MlflowException):
+    """HTTP 400: the prompt's format alone, or max_tokens, leaves no room in the context (OpenAI's
+    context_length_exceeded)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def request_budget() -> float:
@@ -150,9 +158,53 @@ def fit_prompt(tokenizer, prompt: str, room: int, cfg: Config) -> str:
 
     fitted = cut_from_left(tokenizer, prompt, room, length)
     if fitted is None:
-        raise invalid(f"no room for the prompt: the model reads {room} tokens besides the answer "
+        raise NoRoom(f"no room for the prompt: the model reads {room} tokens besides the answer "
                       "and the prompt format alone takes more; lower max_new_tokens")
     return fitted
+
+
+def turns_of(conversation: list[dict]) -> tuple[list[dict], list[list[dict]]]:
+    """(the leading system messages, the turns): a turn starts at each user message."""
+    lead = 0
+    while conversation[lead]["role"] == "system":
+        lead += 1
+    turns: list[list[dict]] = []
+    for message in conversation[lead:]:
+        if message["role"] == "user" or not turns:
+            turns.append([])
+        turns[-1].append(message)
+    return conversation[:lead], turns
+
+
+def fit_conversation(tokenizer, conversation: list[dict], room: int | None) -> list[int]:
+    """The conversation's prompt ids, at most `room` of them: the oldest turns go first, then the last
+    user message is cut from the left; 400 when the rest alone takes more."""
+    from jinja2 import TemplateError
+
+    from loraflow import generation
+
+    def render(messages: list[dict]) -> list[int]:
+        try:
+            return generation.chat_token_ids(tokenizer, messages)
+        except TemplateError as exc:  # e.g. a template's raise_exception('roles must alternate')
+            raise invalid(f"the chat template refused the conversation: {str(exc).splitlines()[0][:200]}") from None
+
+    system, turns = turns_of(conversation)
+    ids = render(conversation)
+    while room is not None and len(ids) > room and len(turns) > 1:
+        turns = turns[1:]
+        ids = render(system + [m for turn in turns for m in turn])
+    if room is None or len(ids) <= room:
+        return ids
+    # One turn is left, and it is the last user message alone (the conversation ends with it).
+    def with_last(text: str) -> list[dict]:
+        return system + [{"role": "user", "content": text}]
+
+    fitted = cut_from_left(tokenizer, turns[-1][-1]["content"], room, lambda text: len(render(with_last(text))))
+    if fitted is None:
+        raise NoRoom(f"no room for the conversation: the model reads {room} tokens besides the answer and the "
+                      "system messages and chat format alone take more; lower max_tokens")
+    return render(with_last(fitted))
 
 
 def http_error(exc: Exception, budget: float, hint: str) -> MlflowException:

@@ -1,14 +1,14 @@
-"""The model server as a process: `mlflow models serve` started, polled, asked and stopped from Python.
+"""The model server as a process: started, polled, asked and stopped from Python.
 
     process = start_server("models:/quickstart@champion", store, port=5001)
     wait_until_ready("http://127.0.0.1:5001", process=process)
     predict_over_http("http://127.0.0.1:5001", ["Title: Oak desk"])     # ["This oak desk ..."]
     stop_server(process)
 
-The server runs with UVICORN_LOOP=loraflow.serving:server_loop, an event loop with enough threads
-that every concurrent request can join one micro-batch (set it too when you start `mlflow models
-serve` yourself). The serve stage, the pipeline's serve check, the README demo and the benchmarks use
-these.
+The process is loraflow's server (serving.app: MLflow's routes and the OpenAI API on one port, the
+versions followed live). A model served with plain `mlflow models serve` answers /invocations only;
+run it with UVICORN_LOOP=loraflow.serving:server_loop so every concurrent request can join one
+micro-batch. The serve stage, the pipeline's serve check, the README demo and the benchmarks use these.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import pandas as pd  # mlflow.pyfunc has imported it already
 
 from loraflow import LoraflowError, tracking
 from loraflow.config import Config
+from loraflow.serving.app import API_KEY_ENV
 from loraflow.serving.batching import SERVER_LOOP_ENV
 
 
@@ -37,17 +38,19 @@ def default_model_uri(cfg: Config) -> str:
     return f"models:/{cfg.model_name}@{cfg.registry.alias}"
 
 
-def serve_command(model_uri: str, host: str, port: int, workers: int = 1, timeout: int | None = None) -> list[str]:
-    """The `mlflow models serve` command line; `timeout` None keeps MLflow's (60 s or its env var).
+def serve_command(model_uri: str, host: str, port: int, workers: int = 1, timeout: int | None = None,
+                  all_versions: bool = False) -> list[str]:
+    """The server's command line; `timeout` None keeps MLflow's request timeout (60 s or its env var).
 
     Each of `workers` processes loads its own copy of the model. `timeout` also bounds the request
-    budget (see the module docstring): the server passes it to its workers in the environment.
+    budget (requests.request_budget).
     """
     if workers < 1 or (timeout is not None and timeout < 1):
         raise LoraflowError(f"workers and timeout must be at least 1, got workers={workers}, timeout={timeout}")
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-               "-h", host, "-p", str(port), "--workers", str(workers)]
-    return command + (["--timeout", str(timeout)] if timeout is not None else [])
+    command = [sys.executable, "-m", "loraflow.serving.app", "--model-uri", model_uri, "--host", host,
+               "--port", str(port), "--workers", str(workers)]
+    return command + (["--timeout", str(timeout)] if timeout is not None else []) + \
+        (["--all-versions"] if all_versions else [])
 
 
 def server_env(store: tracking.Store, env: dict | None = None) -> dict:
@@ -62,15 +65,20 @@ def server_env(store: tracking.Store, env: dict | None = None) -> dict:
 
 def start_server(model_uri: str, store: tracking.Store, host: str = "127.0.0.1", port: int = 5001,
                  env: dict | None = None, *, workers: int = 1, timeout: int | None = None,
-                 **popen_options) -> subprocess.Popen:
-    """Start `mlflow models serve` in its own process group (stop it with `stop_server`).
+                 all_versions: bool = False, api_key: str | None = None, **popen_options) -> subprocess.Popen:
+    """Start the server in its own process group (stop it with `stop_server`); `api_key` goes to it in the
+    environment ($LORAFLOW_API_KEY), not on its command line.
 
-    MLflow downloads the model into the server's temp folder and never removes it (a whole merged model
-    per start), so the server gets a temp folder of its own, `process.scratch_dir`, which stop_server removes.
+    The server downloads what it serves into a temp folder of its own, `process.scratch_dir`, which
+    stop_server removes.
     """
     scratch = tempfile.mkdtemp(prefix="loraflow-serve-")
+    env = dict(os.environ if env is None else env)
+    if api_key:
+        env[API_KEY_ENV] = api_key
     try:
-        process = subprocess.Popen(serve_command(model_uri, host, port, workers=workers, timeout=timeout),
+        process = subprocess.Popen(serve_command(model_uri, host, port, workers=workers, timeout=timeout,
+                                                 all_versions=all_versions),
                                    env={**server_env(store, env), "TMPDIR": scratch}, start_new_session=True,
                                    **popen_options)
     except BaseException:

@@ -6,27 +6,22 @@
 the base model (found by its name, as training found it), unquantised, in the dtype recorded at
 registration (models.load_served); where that base is not on the serving machine, or a version has no
 adapter (one registered before adapters were kept), the merged folder stored beside it, in the same
-dtype. It answers through generation.generate, as evaluation does, with the settings saved beside it
-(saved_settings). Concurrent greedy requests to a model served in fp32 share one batched generate call
-(micro-batching); the bounds of a request are in `requests`.
+dtype. It answers as generation.generate does in evaluation, with the settings saved beside it
+(saved_settings). Concurrent greedy requests share one batched generate call (micro-batching, in
+every dtype; batching.Engine); the bounds of a request are in `requests`.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import threading
-import time
 import weakref
 
 import mlflow
 import pandas as pd  # mlflow.pyfunc has imported it already
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
 from loraflow.config import Config
-from loraflow.serving.batching import BATCH_WAIT_SECONDS, MAX_BATCH_ROWS, POLL_SECONDS, Request, model_thread
-from loraflow.serving.requests import (REQUEST_SECONDS_ENV, checked_params, context_length, fit_prompt, http_error,
-                                       prompts_from, request_budget, request_config)
+from loraflow.serving.batching import Engine, Job
+from loraflow.serving.requests import checked_params, context_length, fit_prompt, prompts_from, request_budget
 
 logger = logging.getLogger(__name__)
 LOADED = weakref.WeakSet()  # every TextGenerator / ChatGenerator that has loaded its model
@@ -128,137 +123,38 @@ def served_base(cfg: Config, merged_dir: str) -> str | None:
 class TextGenerator(mlflow.pyfunc.PythonModel):
     """A registered causal or seq2seq model (load_served_model) that answers one generated string per `prompt` row.
 
-    Prompts are formatted and decoded by generation.generate, exactly as in evaluation and training.
-    The scoring server answers requests in threads; one generation runs at a time (`lock`), always on the
-    model's own thread (model_thread), and greedy requests that wait for it together, or arrive within
-    BATCH_WAIT_SECONDS of an idle model, are answered by one batched generate call when the model is served
-    in fp32 (micro-batching: left-padded fp32 greedy answers are those of the request alone; see batch_key).
-    See the module docstring for the limits of a request.
+    Prompts are formatted and decoded by generation.generate's rules, exactly as in evaluation and training, and
+    answered by a batching.Engine: one generation at a time on the model's own thread, concurrent greedy requests
+    with the same max_new_tokens in one batched generate call (micro-batching). See the module docstring for the
+    limits of a request.
     """
 
     def load_context(self, context):
         self.cfg, self.model, self.tokenizer = load_served_model(context)
         LOADED.add(self)
+        self.engine = Engine(self.model, self.tokenizer)
         self.context_tokens = context_length(self.model, self.tokenizer)
-        self.lock = threading.Lock()  # held by the request whose thread runs a batch
-        self.thread = model_thread()  # where every batch generates (see model_thread)
-        self.queue_lock = threading.Lock()  # guards self.waiting
-        self.waiting: list[Request] = []  # requests not yet taken into a batch, oldest first
 
     def predict(self, context, model_input: pd.DataFrame, params=None):  # the hint: no "add type hints" warning
-        started = time.monotonic()
-        budget = request_budget()
         prompts = prompts_from(model_input)
         settings = checked_params(params, self.cfg.registry.max_new_tokens_cap)
         if not prompts:
             return []
-        request = Request(prompts, settings, budget, started + budget)
-        with self.queue_lock:
-            self.waiting.append(request)
-        self.wait_for_answers(request)
-        if request.error is not None:
-            raise request.error
-        return request.answers
+        return answer_prompts(self.engine, self.cfg, self.context_tokens, prompts, settings)
 
-    def wait_for_answers(self, request: Request) -> None:
-        """Until `request` is done: whenever the model is free, run the next batch (with this request in it unless
-        another thread's batch took it). A request no batch took within its budget is 503; one taken is answered
-        by the end of that batch, which stops at its members' earliest deadline."""
-        while not request.done.is_set():
-            if self.lock.acquire(timeout=max(0.0, min(POLL_SECONDS, request.deadline - time.monotonic()))):
-                try:
-                    batch = [] if request.done.is_set() else self.take_batch(request)
-                    if batch:
-                        self.run_batch(batch)
-                finally:
-                    self.lock.release()
-            elif time.monotonic() >= request.deadline:
-                with self.queue_lock:
-                    unanswered = request in self.waiting
-                    if unanswered:
-                        self.waiting.remove(request)
-                if unanswered:
-                    raise MlflowException(f"the server is busy: no turn came within this request's budget of "
-                                          f"{request.budget:g} s (${REQUEST_SECONDS_ENV}); retry later",
-                                          error_code=TEMPORARILY_UNAVAILABLE)
-                request.done.wait()
 
-    def take_batch(self, leader: Request) -> list[Request]:
-        """`leader` and the waiting requests with its batch_key, oldest first, up to MAX_BATCH_ROWS prompts; taken off
-        the queue. When the model was idle (no one else waiting) it first waits BATCH_WAIT_SECONDS for others."""
-        if self.batch_key(leader) is not None and len(self.waiting) == 1:
-            time.sleep(BATCH_WAIT_SECONDS)
-        with self.queue_lock:
-            others = [r for r in self.waiting if r is not leader]
-            batch, key = ([leader], self.batch_key(leader)) if self.prepare(leader) else ([], None)
-            rows = len(leader.prompts)
-            for request in others if key is not None else []:
-                if not self.prepare(request):
-                    continue  # its prompt cannot fit: it answers 400 alone (done below)
-                if self.batch_key(request) == key and rows + len(request.prompts) <= MAX_BATCH_ROWS:
-                    batch.append(request)
-                    rows += len(request.prompts)
-            failed = [r for r in [leader] + others if r.error is not None]
-            self.waiting = [r for r in others if r.error is None and all(r is not m for m in batch)]
-        for request in failed:
-            request.done.set()
-        return batch
+def answer_prompts(engine: Engine, cfg: Config, context_tokens: int | None, prompts: list[str], settings: dict,
+                   adapter: str | None = None, group: object = None) -> list[str]:
+    """What /invocations answers for `prompts`: each cut from the left to the room the context leaves it (400 when
+    none is left), encoded as generation.generate encodes it, answered by `engine` and decoded."""
+    from loraflow import generation
 
-    def prepare(self, request: Request) -> bool:
-        """Fit `request`'s prompts to the context, once (tokenised under the lock: a fast tokenizer is not safe
-        across threads); False, with the request's 400 error set, when one cannot fit."""
-        if request.fitted is None and request.error is None:
-            try:
-                request.fitted = self.fit(request.prompts, request.settings)
-            except MlflowException as exc:
-                request.error = exc
-        return request.error is None
+    room = None if context_tokens is None else context_tokens - (
+        settings["max_new_tokens"] if cfg.model.kind == "causal" else 0)
 
-    def batch_key(self, request: Request):
-        """Requests with the same key get, in one generate call, the answers each gets alone: greedy ones with the
-        same max_new_tokens (temperature, top_p and seed do not change a greedy answer) on a model served in fp32.
-        A sampled request goes alone (its seed fixes its random stream), and so does every request to a bf16 or
-        fp16 model: measured on SmolLM2 in bf16, batching changed 5 of 13 greedy answers even among prompts of one
-        length (another batch shape rounds differently), where fp32 batches changed none."""
-        import torch
+    def encode() -> list[list[int]]:
+        fitted = prompts if room is None else [fit_prompt(engine.tokenizer, p, room, cfg) for p in prompts]
+        return generation.encode_prompts(engine.tokenizer, fitted, cfg)
 
-        if request.settings["do_sample"] or self.model.dtype != torch.float32:
-            return None
-        return "greedy", request.settings["max_new_tokens"]
-
-    def run_batch(self, batch: list[Request]) -> None:
-        """Answer every request of `batch` with one generate call (under the lock); each gets its answers or error."""
-        try:
-            prompts = [prompt for request in batch for prompt in request.fitted]
-            logger.debug("one generate call for %d requests, %d prompts", len(batch), len(prompts))
-            try:
-                answers = self.thread.submit(self.generate, prompts, batch[0].settings,
-                                             min(r.deadline for r in batch)).result()
-            except Exception as exc:
-                for request in batch:
-                    request.error = http_error(exc, request.budget, "send fewer rows or a smaller max_new_tokens")
-                return
-            start = 0
-            for request in batch:
-                request.answers, start = answers[start:start + len(request.fitted)], start + len(request.fitted)
-        finally:
-            for request in batch:
-                request.done.set()
-
-    def prompt_room(self, max_new_tokens: int) -> int | None:
-        """Tokens a prompt may take: the context, less the answer's share for a causal model."""
-        if self.context_tokens is None:
-            return None
-        return self.context_tokens - (max_new_tokens if self.cfg.model.kind == "causal" else 0)
-
-    def fit(self, prompts: list[str], settings: dict) -> list[str]:
-        """The prompts cut from the left to the room the context leaves them (400 when none is left)."""
-        room = self.prompt_room(settings["max_new_tokens"])
-        return prompts if room is None else [fit_prompt(self.tokenizer, p, room, self.cfg) for p in prompts]
-
-    def generate(self, prompts: list[str], settings: dict, deadline: float) -> list[str]:
-        """Answers to fitted prompts, under the lock."""
-        from loraflow import generation
-
-        return generation.generate(self.model, self.tokenizer, prompts, request_config(self.cfg, settings),
-                                   seed=settings["seed"], deadline=deadline, progress=False)
+    job = Job(encode=encode, settings=settings, cfg=cfg, budget=request_budget(), adapter=adapter, group=group)
+    return [engine.decode(ids).strip() for ids in engine.answer(job)]
