@@ -116,12 +116,12 @@ def generation_settings(body: dict, version: Version) -> dict:
     temperature = number(body, "temperature", 1.0)
     if not 0 <= temperature <= 2:
         raise bad(f"temperature must be between 0 and 2, got {temperature}", "temperature")
-    if not 1 <= max_tokens <= cap:
-        raise bad(f"max_tokens must be between 1 and {cap}, got {max_tokens}", "max_tokens")
     context = version.context_tokens
     if context is not None and version.cfg.model.kind == "causal" and max_tokens >= context:
         raise bad(f"max_tokens ({max_tokens}) alone fills this model's context of {context} tokens: lower it",
                   "max_tokens", "context_length_exceeded")
+    if not 1 <= max_tokens <= cap:
+        raise bad(f"max_tokens must be between 1 and {cap}, got {max_tokens}", "max_tokens")
     try:
         return checked_params({"max_new_tokens": max_tokens, "temperature": temperature,
                                "top_p": number(body, "top_p", 1.0), "do_sample": temperature > 0,
