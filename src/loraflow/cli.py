@@ -173,31 +173,38 @@ def register(cfg, store, from_run, from_study, force):
 
 @cli.command()
 @project_options
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on (0.0.0.0 for every interface: set an --api-key then).")
 @click.option("--port", default=5001, show_default=True, type=int)
-@click.option("--model-uri", default=None, help="Default: models:/<registry.model_name>@<registry.alias>.")
+@click.option("--model-uri", default=None,
+              help="Default: models:/<registry.model_name>@<registry.alias>, the alias followed live.")
 @click.option("--workers", default=1, show_default=True, type=int, help="Server worker processes (each loads the model).")
 @click.option("--timeout", default=None, type=int, help="Seconds a request may take (default: MLflow's, 60).")
-@click.option("--chat", type=click.BOOL, is_flag=False, flag_value=True, default=False,
-              help="Serve the version's OpenAI-style chat flavour (chat-template projects) instead.")
+@click.option("--api-key", default=None, envvar="LORAFLOW_API_KEY", show_envvar=True,
+              help="Require `Authorization: Bearer KEY` on every route but /ping and /health.")
+@click.option("--all-versions", is_flag=True, help="Hold every version of the model, not only the aliased ones.")
+@click.option("--chat", type=click.BOOL, is_flag=False, flag_value=True, default=False, hidden=True,
+              help="No longer needed: the server answers chat on /v1/chat/completions.")
 @click.option("--dockerfile", "dockerfile", default=None, metavar="DIR",
               help="Do not serve: write DIR/Dockerfile and the model, the context to `docker build` an image "
-                   "serving it on port 8080.")
-def serve(cfg, store, host, port, model_uri, workers, timeout, chat, dockerfile):
-    """Serve the registered model over REST.
+                   "serving it on port 8080 (both APIs).")
+def serve(cfg, store, host, port, model_uri, workers, timeout, api_key, all_versions, chat, dockerfile):
+    """Serve the registered model over REST: MLflow's /invocations and the OpenAI API on one port.
 
-    Runs `mlflow models serve` on models:/NAME@champion. Example requests (the second with --chat):
+    Serves models:/NAME@champion and every aliased version (NAME@previous...) on one base model, each
+    an adapter; when `loraflow register` moves an alias, requests follow it within seconds. Examples:
 
     \b
     curl -s localhost:5001/invocations -H "Content-Type: application/json" \\
       -d '{"dataframe_records": [{"prompt": "Blue mug"}], "params": {"max_new_tokens": 32}}'
-    curl -s localhost:5001/invocations -H "Content-Type: application/json" \\
-      -d '{"messages": [{"role": "user", "content": "Blue mug"}], "max_tokens": 32, "temperature": 0}'
+    curl -sN localhost:5001/v1/chat/completions -H "Content-Type: application/json" \\
+      -d '{"model": "NAME", "messages": [{"role": "user", "content": "Blue mug"}], "stream": true}'
+    curl -s localhost:5001/v1/models
     """
     from loraflow.stages import serve as serve_stage
 
     serve_stage.run(cfg, store, host=host, port=port, model_uri=model_uri, workers=workers, timeout=timeout,
-                    chat=chat, dockerfile=dockerfile)
+                    api_key=api_key, all_versions=all_versions, chat=chat, dockerfile=dockerfile)
 
 
 @cli.command()
@@ -233,7 +240,7 @@ def terminated(signum, frame):
 def predict(cfg, store, prompts, model_uri, max_new_tokens, temperature):
     """Answer prompts with the registered model, without a server.
 
-    Loads the model as `mlflow models serve` would and prints one answer per prompt:
+    Loads the model as the server would and prints one answer per prompt:
 
     \b
     loraflow predict quickstart "Write a product description for: Oak desk lamp"

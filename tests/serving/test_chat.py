@@ -1,25 +1,24 @@
-"""The chat flavour: OpenAI-style chat completions in process and over HTTP, its bounds, and where it is logged."""
+"""Chat completions on /v1/chat/completions: what a conversation maps to, its bounds, and the real serve command."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import threading
 from types import SimpleNamespace
 
+import httpx
 import mlflow
+import openai
 import pandas as pd
 import pytest
 import yaml
 from conftest import tiny_config
-from helpers import assert_one_line_error
-from mlflow.exceptions import MlflowException
-from test_serving import LONG_PROMPT, assert_clean_error, free_port, post
+from test_openai import running
+from test_serving import LONG_PROMPT, free_port
 
 from loraflow import LoraflowError, data, generation, serving
 from loraflow.config import load_config
-from loraflow.tracking import Tags
+from loraflow.serving.versions import ServedVersions
 
 SYSTEM = "You write product descriptions."
 PROMPTS = ["Describe: Oak desk", "Describe: Red mug"]
@@ -27,9 +26,9 @@ PROMPTS = ["Describe: Oak desk", "Describe: Red mug"]
 
 @pytest.fixture(scope="module")
 def served(tiny_llama, tmp_path_factory):
-    """One project (cap 32, a system prompt) logged once as the chat flavour and as the TextGenerator, both
-    loaded in process; the tiny model stands in for a merged folder. Logged to a store of its own, since
-    each test's store is made after module fixtures."""
+    """One project (cap 32, a system prompt) logged once as the pyfunc, loaded in process (the TextGenerator) and
+    served from its folder by the app on a free port; the tiny model stands in for a merged folder. Logged to a
+    store of its own, since each test's store is made after module fixtures."""
     folder = tmp_path_factory.mktemp("chat")
     project = folder / "project.yaml"
     project.write_text(yaml.safe_dump(tiny_config(tiny_llama, registry={"max_new_tokens_cap": 32},
@@ -40,16 +39,26 @@ def served(tiny_llama, tmp_path_factory):
     try:
         experiment = mlflow.create_experiment("chat", artifact_location=(folder / "mlruns").as_uri())
         with mlflow.start_run(experiment_id=experiment):
-            chat_uri = serving.log_chat_model(cfg, tiny_llama).model_uri
             text_uri = serving.log_model(cfg, tiny_llama).model_uri
-        chat, text = mlflow.pyfunc.load_model(chat_uri), mlflow.pyfunc.load_model(text_uri)
+        text = mlflow.pyfunc.load_model(text_uri)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=text_uri, dst_path=str(folder / "model"))
     finally:
         mlflow.set_tracking_uri(previous)
-    return SimpleNamespace(cfg=cfg, chat=chat, text=text, raw=chat.get_raw_model())
+    versions = ServedVersions.open(local)
+    with running(versions) as url:
+        yield SimpleNamespace(cfg=cfg, text=text, url=url, engine=versions.default().engine)
 
 
 def ask(served, messages, **params) -> dict:
-    return served.chat.predict({"messages": messages, **params})
+    """The JSON answer of a chat request (asserting it is a 200)."""
+    status, body = post(served, {"model": "tiny", "messages": messages, **params})
+    assert status == 200, body
+    return body
+
+
+def post(served, body: dict) -> tuple[int, dict]:
+    response = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=120)
+    return response.status_code, response.json()
 
 
 def user(content: str) -> list[dict]:
@@ -57,13 +66,14 @@ def user(content: str) -> list[dict]:
 
 
 def test_a_user_message_gets_the_text_generators_greedy_answer(served):
-    tokenizer = served.raw.tokenizer
+    tokenizer = served.engine.tokenizer
     texts = served.text.predict(pd.DataFrame({"prompt": PROMPTS}), params={"max_new_tokens": 8})
     for prompt, text in zip(PROMPTS, texts):
         implicit = ask(served, user(prompt), max_tokens=8, temperature=0.0)
         explicit = ask(served, [{"role": "system", "content": SYSTEM}, *user(prompt)], max_tokens=8, temperature=0)
         [choice] = implicit["choices"]
-        assert choice["message"] == {"role": "assistant", "content": text}  # data.system_prompt leads, as in training
+        assert choice["message"]["content"] == text  # data.system_prompt leads, as in training
+        assert choice["message"]["role"] == "assistant"
         assert explicit["choices"] == implicit["choices"]
         prompt_tokens = len(data.prompt_token_ids(tokenizer, prompt, served.cfg))  # the ids training used
         completion = implicit["usage"]["completion_tokens"]
@@ -71,6 +81,7 @@ def test_a_user_message_gets_the_text_generators_greedy_answer(served):
                                      "total_tokens": prompt_tokens + completion}
         assert choice["finish_reason"] == ("length" if completion == 8 else "stop") and completion <= 8
         assert implicit["object"] == "chat.completion" and implicit["model"] == "tiny"
+        assert implicit["system_fingerprint"] == "tiny/local"
         assert implicit["id"].startswith("chatcmpl-") and implicit["id"] != explicit["id"]
 
     other = ask(served, [{"role": "system", "content": "Be brief."}, *user(PROMPTS[0])], max_tokens=2, temperature=0.0)
@@ -88,23 +99,35 @@ def test_one_token_answers_and_stop_strings(served):
     greedy = full["choices"][0]["message"]["content"]
     # A stop string: the first letter of the greedy answer not seen before it; the answer ends just before it.
     cut = next(i for i, char in enumerate(greedy) if i > 0 and char.isalnum() and char not in greedy[:i])
-    stopped = ask(served, user(PROMPTS[0]), max_tokens=8, temperature=0.0, stop=[greedy[cut]])
-    assert stopped["choices"][0]["message"]["content"] == greedy[:cut].strip()
-    assert stopped["choices"][0]["finish_reason"] == "stop"
-    assert stopped["usage"]["completion_tokens"] <= 8
+    for stop in ([greedy[cut]], greedy[cut]):  # a list or one string, as OpenAI takes both
+        stopped = ask(served, user(PROMPTS[0]), max_tokens=8, temperature=0.0, stop=stop)
+        assert stopped["choices"][0]["message"]["content"] == greedy[:cut].strip()
+        assert stopped["choices"][0]["finish_reason"] == "stop"
+        assert stopped["usage"]["completion_tokens"] <= 8
+        streamed = served_stream(served, user(PROMPTS[0]), max_tokens=8, temperature=0.0, stop=stop)
+        assert streamed == (greedy[:cut].strip(), "stop")
+
+
+def served_stream(served, messages, **params) -> tuple[str, str]:
+    """(the streamed answer's text, its finish_reason)."""
+    api = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+    chunks = list(api.chat.completions.create(model="tiny", messages=messages, stream=True, **params))
+    return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
 
 
 def test_sampling_follows_temperature_and_the_seed(served):
     def sampled(seed):
-        return ask(served, user(PROMPTS[0]), max_tokens=8, temperature=0.9, custom_inputs={"seed": seed})["choices"]
+        return ask(served, user(PROMPTS[0]), max_tokens=8, temperature=0.9, seed=seed)["choices"]
 
     greedy = ask(served, user(PROMPTS[0]), max_tokens=8, temperature=0.0)["choices"]
     assert sampled(3) == sampled(3)
     assert sampled(3) != greedy  # temperature > 0 does sample: the equality above can fail
+    default = ask(served, user(PROMPTS[0]), max_tokens=8)["choices"]  # OpenAI's defaults: temperature 1, here seed 0
+    assert default == ask(served, user(PROMPTS[0]), max_tokens=8, temperature=1.0, seed=0)["choices"] != greedy
 
 
 def test_a_long_conversation_keeps_its_last_turns(served):
-    tokenizer = served.raw.tokenizer
+    tokenizer = served.engine.tokenizer
     system = [{"role": "system", "content": SYSTEM}]
     history = [*user(LONG_PROMPT), {"role": "assistant", "content": "A desk."}, *user(PROMPTS[1])]
     answer = ask(served, system + history, max_tokens=8, temperature=0.0)
@@ -118,69 +141,86 @@ def test_a_long_conversation_keeps_its_last_turns(served):
     assert long["choices"][0]["message"]["content"] == text
     assert long["usage"]["prompt_tokens"] <= 512 - 8
 
-    with pytest.raises(MlflowException, match="no room for the conversation"):
-        ask(served, [{"role": "system", "content": LONG_PROMPT}, *user("hi")], max_tokens=8)
+    status, body = post(served, {"model": "tiny", "messages": [{"role": "system", "content": LONG_PROMPT},
+                                                               *user("hi")], "max_tokens": 8})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert "no room for the conversation" in body["error"]["message"]
 
 
 @pytest.mark.parametrize("request_, message", [
     ({"messages": user("hi"), "max_tokens": 33}, "max_tokens must be between 1 and 32, got 33"),
     ({"messages": user("hi"), "max_tokens": 0}, "max_tokens must be between 1 and 32, got 0"),
-    ({"messages": []}, "at least one message"),
-    ({"messages": [{"role": "tool", "content": "42"}, *user("hi")]}, "role must be one of system, user, assistant"),
+    ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "tool", "content": "42"}, *user("hi")]}, "messages[0] needs a role"),
     ({"messages": [*user("hi"), {"role": "assistant", "content": "Hello"}]}, "the last message must be the user's"),
-    ({"messages": user("hi"), "n": 2}, "not supported: n"),
-    ({"messages": user("hi"), "stream": True}, "not supported: stream"),
-    ({"messages": user("hi"), "custom_inputs": {"seed": -1}}, "seed must be an integer between 0 and"),
-    ({"messages": user("hi"), "temperature": -0.5}, "temperature must be >= 0"),
+    ({"messages": user("hi"), "n": 2}, "n is not supported"),
+    ({"messages": user("hi"), "tools": [{"type": "function"}]}, "tools is not supported"),
+    ({"messages": user("hi"), "seed": -1}, "seed must be an integer between 0 and"),
+    ({"messages": user("hi"), "temperature": -0.5}, "temperature must be between 0 and 2"),
     ({"messages": user("hi"), "top_p": 1.5}, "top_p must be in (0, 1]"),
-    ({"messages": user("hi"), "stop": ["a", "b", "c", "d", "e"]}, "stop takes at most 4"),
+    ({"messages": user("hi"), "stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
+    ({"messages": user("hi"), "max_tokens": "8"}, "max_tokens must be an integer"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text content"),
 ])
 def test_a_bad_chat_request_is_a_400_that_says_what_to_change(served, request_, message):
-    with pytest.raises(MlflowException) as caught:
-        served.chat.predict(request_)
-    assert caught.value.error_code == "INVALID_PARAMETER_VALUE" and caught.value.get_http_status_code() == 400
-    assert message in caught.value.message
-    assert not served.raw.lock.locked()
+    status, body = post(served, {"model": "tiny", **request_})
+    assert status == 400 and body["error"]["type"] == "invalid_request_error", body
+    assert message in body["error"]["message"]
+    assert "Traceback" not in json.dumps(body)
+    assert not served.engine.lock.locked()
 
 
 def test_a_chat_request_past_its_budget_fails_cleanly_and_frees_the_lock(served, monkeypatch):
     monkeypatch.setenv(serving.REQUEST_SECONDS_ENV, "0.000001")
-    with pytest.raises(MlflowException) as caught:
-        ask(served, user(PROMPTS[0]), max_tokens=32, temperature=0.0)
-    assert caught.value.error_code == "DEADLINE_EXCEEDED" and "smaller max_tokens" in caught.value.message
-    assert not served.raw.lock.locked()
+    status, body = post(served, {"model": "tiny", "messages": user(PROMPTS[0]), "max_tokens": 32, "temperature": 0})
+    assert status == 504 and "smaller max_tokens" in body["error"]["message"]
+    assert not served.engine.lock.locked()
     monkeypatch.delenv(serving.REQUEST_SECONDS_ENV)
     assert ask(served, user(PROMPTS[0]), max_tokens=2, temperature=0.0)["usage"]["completion_tokens"] <= 2
 
 
-def test_only_chat_template_projects_get_a_chat_flavour(tiny_llama, tiny_t5, write_project, tmp_path):
-    assert serving.has_chat_flavour(load_config(str(write_project(tiny_llama))), tiny_llama)
-    assert not serving.has_chat_flavour(load_config(str(write_project(tiny_llama, data={"chat_template": False}))),
-                                        tiny_llama)
-    seq2seq = load_config(str(write_project(tiny_t5, model={"kind": "seq2seq"})))
-    assert not serving.has_chat_flavour(seq2seq, tiny_t5)
-    plain = shutil.copytree(tiny_llama, tmp_path / "no-template")
-    (plain / "chat_template.jinja").unlink()
-    assert not serving.has_chat_flavour(load_config(str(write_project(plain))), plain)
+def test_a_plain_prompt_project_takes_one_user_message_as_its_prompt(tiny_llama, write_project, register_tiny):
+    """data.chat_template off: one user message is the prompt, formatted as in training (the /invocations answer);
+    a conversation cannot be rendered as the model was trained, so it is refused."""
+    cfg = load_config(str(write_project(tiny_llama, data={"chat_template": False})))
+    versions = ServedVersions.open(register_tiny(cfg))
+    with running(versions) as url:
+        [expected] = serving.predict_over_http(url, [PROMPTS[0]], {"max_new_tokens": 8})
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answer = api.chat.completions.create(model="tiny", messages=user(PROMPTS[0]), max_tokens=8, temperature=0)
+        assert answer.choices[0].message.content == expected
+        with pytest.raises(openai.BadRequestError, match="trained on plain prompts"):
+            api.chat.completions.create(model="tiny", max_tokens=8, messages=[
+                *user("hi"), {"role": "assistant", "content": "hello"}, *user(PROMPTS[0])])
 
 
-def test_the_registered_chat_flavour_answers_an_openai_request_over_http(tiny_llama, write_project, run_cli, tmp_path):
+@pytest.fixture
+def register_tiny(tiny_llama):
+    """register_tiny(cfg) -> models:/tiny@champion: the tiny model (as its own merged folder) as version 1."""
+    def register(cfg) -> str:
+        with mlflow.start_run():
+            info = serving.log_model(cfg, tiny_llama)
+        version = mlflow.register_model(info.model_uri, "tiny").version
+        mlflow.MlflowClient().set_registered_model_alias("tiny", "champion", version)
+        return "models:/tiny@champion"
+    return register
+
+
+def test_the_serve_command_answers_the_openai_sdk_and_stops_on_sigterm(tiny_llama, write_project, run_cli, tmp_path,
+                                                                        monkeypatch):
+    """`loraflow serve` after a real train and register, with a key from the environment: the SDK's chat answer is
+    the pyfunc's for one user message; --chat only says it is not needed; SIGTERM stops server and loraflow."""
     project = write_project(tiny_llama, train={"max_steps": 1},
                             registry={"min_improvement": -1.0, "max_new_tokens_cap": 32})
     assert run_cli("train", project)[0] == 0
     code, _, err = run_cli("register", project)
     assert code == 0, err
-    client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias("tiny", "champion")
-    chat_uri = version.tags[Tags.CHAT_MODEL_URI]
-    logged = mlflow.get_logged_model(chat_uri.removeprefix("models:/"))
-    assert logged.name == "chat_model" and logged.source_run_id == version.tags["loraflow.register_run_id"]
     [expected] = mlflow.pyfunc.load_model("models:/tiny@champion").predict(
         pd.DataFrame({"prompt": [PROMPTS[0]]}), params={"max_new_tokens": 8})
-
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "serve.log", "w") as log:  # the real command, which finds the chat flavour by the tag
+    monkeypatch.setenv("LORAFLOW_API_KEY", "k-123")
+    with open(tmp_path / "serve.log", "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "serve", str(project), "--chat",
                                     "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -189,52 +229,15 @@ def test_the_registered_chat_flavour_answers_an_openai_request_over_http(tiny_ll
             serving.wait_until_ready(url, timeout=180, process=process)
         except LoraflowError as exc:
             pytest.fail(f"{exc}\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
-        openai_request = {"model": "tiny", "messages": [{"role": "system", "content": "You are helpful."},
-                                                        {"role": "user", "content": PROMPTS[0]}],
-                          "max_tokens": 8, "temperature": 0}  # what openai.chat.completions.create sends
-        status, text = post(url, json.dumps(openai_request).encode())
-        assert status == 200, text
-        body = json.loads(text)
-        assert body["object"] == "chat.completion" and body["model"] == "tiny"
-        [choice] = body["choices"]
-        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
-        assert choice["finish_reason"] in ("stop", "length")
-        assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
-
-        status, text = post(url, json.dumps({**openai_request, "messages": user(PROMPTS[0])}).encode())
-        assert status == 200 and json.loads(text)["choices"][0]["message"]["content"] == expected, text
-
-        for label, bad in {"max_tokens over the cap": {**openai_request, "max_tokens": 33},
-                           "empty messages": {**openai_request, "messages": []},
-                           "no messages": {"model": "tiny", "max_tokens": 8}}.items():
-            status, text = post(url, json.dumps(bad).encode())
-            assert 400 <= status < 500, (label, status, text)
-            assert_clean_error(text, label)
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="k-123", max_retries=0)
+        answer = api.chat.completions.create(model="tiny", messages=user(PROMPTS[0]), max_tokens=8, temperature=0)
+        assert answer.choices[0].message.content == expected and answer.system_fingerprint == "tiny/1"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
     finally:
         serving.stop_server(process, timeout=30)  # SIGTERM: loraflow stops its server, then exits
-    assert process.returncode == 143, (tmp_path / "serve.log").read_text()[-3000:]
-    with pytest.raises(OSError):  # the port is closed: the server went with loraflow
-        post(url, b"{}", timeout=5)
-
-    client.delete_model_version_tag("tiny", version.version, Tags.CHAT_MODEL_URI)
-    code, _, err = run_cli("serve", project, "--chat", "--port", str(free_port()))
-    assert_one_line_error(code, err, "has no chat flavour")
-    code, _, err = run_cli("serve", project, "--chat", "--model-uri", chat_uri)
-    assert_one_line_error(code, err, "--chat needs a registered version")
-
-
-def test_chat_generates_on_the_models_own_thread(served, monkeypatch):
-    """As the TextGenerator: requests from many threads, generation on one."""
-    generating, original = [], generation.generate_from_ids
-
-    def recording(*args, **kwargs):
-        generating.append(threading.current_thread())  # a finished thread's ident is reused
-        return original(*args, **kwargs)
-    monkeypatch.setattr(generation, "generate_from_ids", recording)
-    callers = [threading.Thread(target=ask, args=(served, user(PROMPTS[0])), kwargs={"max_tokens": 2})
-               for _ in range(3)]
-    for caller in callers:
-        caller.start()
-        caller.join(timeout=120)
-    assert len(generating) == 3 and len(set(generating)) == 1
-    assert not set(generating) & set(callers)
+    log_text = (tmp_path / "serve.log").read_text()
+    assert process.returncode == 143, log_text[-3000:]
+    assert "--chat is no longer needed" in log_text and "k-123" not in log_text
+    with pytest.raises(httpx.TransportError):  # the port is closed: the server went with loraflow
+        httpx.get(f"{url}/ping", timeout=5)

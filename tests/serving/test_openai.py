@@ -314,3 +314,62 @@ def test_a_model_logged_by_an_earlier_layout_still_serves(tmp_path):
         listed = [m.id for m in client(url).models.list().data]
         assert listed == ["legacy", "legacy/local"]
         assert chat(client(url), "legacy", max_tokens=4).system_fingerprint == "legacy/local"
+
+
+HOSTILE = [  # (path, raw body): each must get a 4xx, never a 5xx or a hang
+    ("/v1/chat/completions", b"{not json"),
+    ("/v1/chat/completions", b"[1, 2]"),
+    ("/v1/chat/completions", json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode()),
+    ("/v1/chat/completions", json.dumps({"model": NAME, "messages": "hello"}).encode()),
+    ("/v1/chat/completions", json.dumps({"model": NAME, "messages": [{"role": "tool", "content": 5}]}).encode()),
+    ("/v1/chat/completions", json.dumps({"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                                         "max_tokens": -5}).encode()),
+    ("/v1/completions", json.dumps({"model": NAME, "prompt": ["a", "b"]}).encode()),
+    ("/v1/completions", json.dumps({"model": NAME, "prompt": "x", "seed": "zero"}).encode()),
+    ("/invocations", json.dumps({"dataframe_records": [{"question": "x"}]}).encode()),
+    ("/invocations", b"\xff\xfe garbage"),
+]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status_file:
+        return next(int(line.split()[1]) * 1024 for line in status_file if line.startswith("VmRSS:"))
+
+
+def test_a_bounded_soak_answers_every_valid_request_without_growing(two_versions):
+    """8 clients x 50 requests, a quarter of them malformed or hostile: every valid one is answered, every hostile
+    one refused with a 4xx, and this process's RSS after warm-up grows by at most 10%."""
+    import httpx
+
+    versions = ServedVersions.open(f"models:/{NAME}@champion")
+    with running(versions) as url:
+        def one_client(number: int, requests: int) -> list[tuple[bool, int]]:
+            results = []
+            with httpx.Client(base_url=url, timeout=120) as http:
+                for index in range(requests):
+                    if index % 4 == 3:  # hostile
+                        path, raw = HOSTILE[(number + index) % len(HOSTILE)]
+                        code = http.post(path, content=raw, headers={"Content-Type": "application/json"}).status_code
+                        results.append((False, code))
+                        continue
+                    model = [NAME, f"{NAME}@previous"][index % 2]
+                    body = {"model": model, "messages": [{"role": "user", "content": f"Describe: item {index}"}],
+                            "max_tokens": 4, "temperature": 0, "stream": index % 8 == 2}
+                    response = http.post("/v1/chat/completions", json=body)
+                    complete = response.status_code == 200 and (
+                        response.text.rstrip().endswith("data: [DONE]") if body["stream"]
+                        else response.json()["choices"][0]["message"]["content"] is not None)
+                    results.append((True, 200 if complete else response.status_code))
+            return results
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda n: one_client(n, 5), range(8)))  # warm-up
+            warm = rss_bytes()
+            results = [r for rs in pool.map(lambda n: one_client(n, 50), range(8)) for r in rs]
+        after = rss_bytes()
+    valid = [code for is_valid, code in results if is_valid]
+    hostile = [code for is_valid, code in results if not is_valid]
+    assert len(results) == 400 and len(hostile) == 96
+    assert valid == [200] * len(valid)
+    assert all(400 <= code < 500 for code in hostile), sorted(set(hostile))
+    assert after <= 1.10 * warm, (warm, after)

@@ -6,10 +6,12 @@
 
 `model` is NAME (the version @champion names now), NAME@ALIAS or NAME/VERSION; the answer names the
 version that answered in `system_fingerprint` as NAME/VERSION. A request maps to generation thus:
-- chat: text messages with the roles system, user and assistant, the last one the user's; without a
-  system message the project's data.system_prompt leads, as in training. The conversation goes
-  through the tokenizer's chat template (generation.chat_token_ids); one longer than the context
-  less max_tokens loses its oldest turns, then the last message is cut from the left.
+- chat: text messages with the roles system (or developer), user and assistant, the last one the
+  user's; without a system message the project's data.system_prompt leads, as in training. The
+  conversation goes through the tokenizer's chat template (generation.chat_token_ids); one longer
+  than the context less max_tokens loses its oldest turns, then the last message is cut from the
+  left. A project trained on plain prompts (data.chat_template off, seq2seq) takes one user message,
+  formatted as in training: the answer /invocations gives for that prompt.
 - completions: the prompt as it is (one string), tokenised with the tokenizer's special tokens; cut
   from the left when too long. `usage` counts what was used.
 - max_tokens (or max_completion_tokens): 1 to registry.max_new_tokens_cap, default the project's
@@ -35,7 +37,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, TEMPORARILY_UNAVAILABLE, ErrorCode
 
 from loraflow.serving.batching import Job
-from loraflow.serving.requests import (NoRoom, checked_params, cut_from_left, fit_conversation, request_budget)
+from loraflow.serving.requests import (NoRoom, checked_params, cut_from_left, fit_conversation, fit_prompt,
+                                       request_budget)
 from loraflow.serving.versions import UnknownModel, Version
 
 ROLES = ("system", "user", "assistant")
@@ -170,10 +173,18 @@ def prompt_encoder(body: dict, version: Version, chat: bool, max_tokens: int):
     context = version.context_tokens
     room = None if context is None else context - (max_tokens if version.cfg.model.kind == "causal" else 0)
     if chat:
-        if version.cfg.model.kind != "causal" or not getattr(tokenizer, "chat_template", None):
-            raise bad(f"{version.id} has no chat template: use /v1/completions", "messages")
+        from loraflow import data, generation
+
         conversation = checked_messages(body, version.cfg.data.system_prompt)
-        return lambda: [fit_conversation(tokenizer, conversation, room)]
+        if data.uses_chat_template(tokenizer, version.cfg):
+            return lambda: [fit_conversation(tokenizer, conversation, room)]
+        said = [m for m in conversation if m["role"] != "system" or m["content"] != version.cfg.data.system_prompt]
+        if len(said) != 1:  # trained on plain prompts: one user message is one prompt, as /invocations takes it
+            raise bad(f"{version.id} was trained on plain prompts, not a chat template: send one user message "
+                      "(it is formatted as in training) or use /v1/completions", "messages")
+        cfg = version.cfg
+        fit = (lambda text: text) if room is None else (lambda text: fit_prompt(tokenizer, text, room, cfg))
+        return lambda: generation.encode_prompts(tokenizer, [fit(said[0]["content"])], cfg)
     prompt = body.get("prompt")
     prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
     if not isinstance(prompt, str):

@@ -1,14 +1,14 @@
-"""Logging a merged model as loraflow's pyfunc (and its chat flavour): signature, requirements, code.
+"""Logging a registered version as loraflow's pyfunc: signature, requirements, code.
 
     info = log_model(cfg, merged_dir, adapter_dir)   # in the active run; register registers info.model_uri
-    if has_chat_flavour(cfg, merged_dir): log_chat_model(cfg, merged_dir, adapter_dir)
 
-The models are logged from code (served_model.py, served_chat_model.py) with loraflow's own source as
-code_paths, so the serving environment needs only the pip requirements, not loraflow.
+The model is logged from code (served_model.py) with loraflow's own source as code_paths, so the
+serving environment needs only the pip requirements, not loraflow. There is no chat flavour: the
+server answers chat completions on its OpenAI routes (docs/architecture.md says why), and MLflow 3
+deprecates the ChatModel one would need.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import mlflow
@@ -64,37 +64,3 @@ def log_model(cfg: Config, merged_dir: str | Path, adapter_dir: str | Path | Non
             artifacts=model_artifacts(merged_dir, adapter_dir),
             signature=model_signature(cfg), input_example=pd.DataFrame({"prompt": ["Hello"]}),
             pip_requirements=pip_requirements(), model_config=saved_settings(cfg), code_paths=[str(PACKAGE_DIR)])
-
-
-def has_chat_flavour(cfg: Config, model_dir: str | Path) -> bool:
-    """Whether the model in `model_dir` is also logged as a chat model: prompts go through its tokenizer's
-    chat template (a causal model, data.chat_template, a template in the tokenizer)."""
-    from loraflow import data, models
-
-    return data.uses_chat_template(models.load_tokenizer(str(model_dir)), cfg)
-
-
-def log_chat_model(cfg: Config, merged_dir: str | Path, adapter_dir: str | Path | None = None,
-                   name: str = "chat_model"):
-    """Log the merged folder and the adapter as a `ChatGenerator` (served_chat_model.py) in the active run;
-    returns the ModelInfo.
-
-    The same artifact, settings, requirements and code as `log_model`; MLflow sets the chat signature
-    and, while logging, loads the model and answers the input example once (one token here).
-    """
-    example = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1, "temperature": 0.0, "n": 1,
-               "stream": False}
-    # MLflow warns that ChatParams' defaults for temperature, n and stream will go for any input example
-    # with params (pyfunc save_model), even one that sets all three, as this one does.
-    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
-    quiet = lambda record: "Default values for temperature, n and stream" not in record.getMessage()  # noqa: E731
-    pyfunc_logger.addFilter(quiet)
-    try:
-        with one_model_while_logging():
-            return mlflow.pyfunc.log_model(
-                name=name, python_model=str(SERVING_DIR / "served_chat_model.py"),
-                artifacts=model_artifacts(merged_dir, adapter_dir),
-                input_example=example, pip_requirements=pip_requirements(), model_config=saved_settings(cfg),
-                code_paths=[str(PACKAGE_DIR)])
-    finally:
-        pyfunc_logger.removeFilter(quiet)

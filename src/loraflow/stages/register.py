@@ -310,11 +310,8 @@ def run(cfg: Config, *, store: tracking.Store | None = None, from_run: str | Non
             models.release_memory()  # the merge's model, before the answer check loads the version
             info = serving.log_model(cfg, merged_dir, adapter_dir)
             mlflow.log_metrics(tracking.evaluation_means(summary), model_id=info.model_id)  # the model's own figures
-            chat = serving.log_chat_model(cfg, merged_dir, adapter_dir) if serving.has_chat_flavour(cfg, merged_dir) else None
             card = model_card(cfg, source, summary, from_study)
             labels = version_tags(cfg, source, summary, from_study, force and not passed, active.info.run_id)
-            if chat is not None:
-                labels[Tags.CHAT_MODEL_URI] = chat.model_uri
             version, previous = register_version(cfg, store, info.model_uri, labels, card,
                                                  probe_prompt(cfg, prepared))
             mlflow.set_tag(Tags.REGISTERED_VERSION, version.version)

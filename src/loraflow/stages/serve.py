@@ -2,14 +2,17 @@
 
     loraflow serve quickstart                       # models:/<registry.model_name>@champion on 127.0.0.1:5001
     loraflow serve quickstart --model-uri models:/quickstart/3 --port 5002
-    loraflow serve quickstart --chat                # the champion's OpenAI-style chat flavour
+    loraflow serve quickstart --api-key KEY         # or $LORAFLOW_API_KEY: a bearer key on every route
     loraflow serve quickstart --dockerfile image/   # a Dockerfile and the model, to build a container image
     loraflow predict quickstart "Title: Oak desk"   # in-process, no server
     curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\
          -d '{"dataframe_records": [{"prompt": "Title: Oak desk"}], "params": {"max_new_tokens": 64}}'
+    curl -s localhost:5001/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "quickstart", "messages": [{"role": "user", "content": "Oak desk"}]}'
 
-The model and the server process are the serving package's; this stage finds the version to serve,
-runs the server in the foreground (or writes a container's build context) and answers `predict`.
+The model and the server process are the serving package's (serving.app: both APIs on one port,
+several versions on one base, aliases followed live); this stage finds the version to serve, runs the
+server in the foreground (or writes a container's build context) and answers `predict`.
 """
 from __future__ import annotations
 
@@ -23,7 +26,6 @@ from mlflow.exceptions import MlflowException
 from loraflow import LoraflowError, say, tracking
 from loraflow.config import Config
 from loraflow.serving.server import answers_of, default_model_uri, server_env, start_server, stop_server
-from loraflow.tracking import Tags
 
 
 def check_model_exists(model_uri: str, store: tracking.Store) -> None:
@@ -40,28 +42,6 @@ def check_model_exists(model_uri: str, store: tracking.Store) -> None:
     except MlflowException:
         raise LoraflowError(f"no model at {model_uri} in {tracking.redact(store.uri)}: "
                             "run `loraflow register` first or pass --model-uri") from None
-
-
-def registered_version(model_uri: str, store: tracking.Store):
-    """The model version a models:/NAME@ALIAS or models:/NAME/VERSION URI names (a one-line error otherwise)."""
-    name, _, alias = model_uri.removeprefix("models:/").partition("@")
-    if not model_uri.startswith("models:/") or not (alias or "/" in name):
-        raise LoraflowError(f"--chat needs a registered version (models:/NAME@ALIAS or models:/NAME/VERSION), "
-                            f"got {model_uri}")
-    check_model_exists(model_uri, store)
-    client = store.client()
-    return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(*name.split("/", 1))
-
-
-def chat_model_uri(model_uri: str, store: tracking.Store) -> str:
-    """The chat flavour logged beside the version `model_uri` names (its version tag); a one-line error if none."""
-    version = registered_version(model_uri, store)
-    chat_uri = version.tags.get(Tags.CHAT_MODEL_URI)
-    if not chat_uri:
-        raise LoraflowError(f"{model_uri} (version {version.version} of {version.name}) has no chat flavour: one "
-                            "is registered with causal models whose prompts use a chat template (data.chat_template "
-                            "and a tokenizer that has one); serve it without --chat")
-    return chat_uri
 
 
 def predict(cfg: Config, store: tracking.Store, prompts: list[str], *, model_uri: str | None = None,
@@ -91,31 +71,51 @@ def write_dockerfile(model_uri: str, store: tracking.Store, folder: str | Path) 
         shutil.rmtree(folder, ignore_errors=True)
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         raise LoraflowError(f"mlflow models generate-dockerfile failed: {lines[-1] if lines else done.returncode}")
+    dockerfile = folder / "Dockerfile"
+    dockerfile.write_text(with_loraflow_entrypoint(dockerfile.read_text()))
     return folder
 
 
-def run(cfg: Config, store: tracking.Store, *, host: str = "127.0.0.1", port: int = 5001,
-        model_uri: str | None = None, workers: int = 1, timeout: int | None = None, chat: bool = False,
-        dockerfile: str | None = None) -> None:
-    """`loraflow serve`: run `mlflow models serve` in the foreground; its exit code becomes ours.
+CONTAINER_MODEL = "/opt/ml/model"  # where MLflow's Dockerfile copies the model
+CONTAINER_ENTRYPOINT = ("ENV PYTHONPATH=/opt/ml/model/code\n"
+                        'ENTRYPOINT ["python", "-m", "loraflow.serving.app", "--model-uri", "/opt/ml/model", '
+                        '"--host", "0.0.0.0", "--port", "8080"]\n')
 
-    With `chat`, the server runs the chat flavour registered beside the version (chat completions:
-    POST /invocations with {"messages": [...]}). SIGTERM or Ctrl+C stops the whole server (its own
+
+def with_loraflow_entrypoint(dockerfile: str) -> str:
+    """MLflow's Dockerfile with loraflow's server as the entry point (both APIs, port 8080): the code that travels
+    in the model (code_paths, /opt/ml/model/code) runs it, so the image needs no loraflow package."""
+    lines = dockerfile.rstrip("\n").splitlines()
+    if not lines or not lines[-1].startswith("ENTRYPOINT"):
+        raise LoraflowError("mlflow models generate-dockerfile wrote no ENTRYPOINT line last; cannot set the server")
+    return "\n".join(lines[:-1]) + "\n" + CONTAINER_ENTRYPOINT
+
+
+def run(cfg: Config, store: tracking.Store, *, host: str = "127.0.0.1", port: int = 5001,
+        model_uri: str | None = None, workers: int = 1, timeout: int | None = None, api_key: str | None = None,
+        all_versions: bool = False, chat: bool = False, dockerfile: str | None = None) -> None:
+    """`loraflow serve`: run the server in the foreground; its exit code becomes ours.
+
+    `chat` is what earlier versions needed for chat completions; the server answers them on
+    /v1/chat/completions now, so it only says so. SIGTERM or Ctrl+C stops the whole server (its own
     process group) before loraflow exits, so the port is free again.
     """
     model_uri = model_uri or default_model_uri(cfg)
     check_model_exists(model_uri, store)
-    what, request = model_uri, "POST /invocations"
     if chat:
-        model_uri = chat_model_uri(model_uri, store)
-        what, request = f"the chat flavour of {what} ({model_uri})", 'POST /invocations with {"messages": [...]}'
+        say("--chat is no longer needed: every server answers chat on POST /v1/chat/completions (the OpenAI "
+            "API); serving as usual")
     if dockerfile:
         folder = write_dockerfile(model_uri, store, dockerfile)
-        say(f"wrote {folder}/Dockerfile and the model of {what}: `docker build -t NAME {folder}`, then "
-            f"`docker run -p 5001:8080 NAME` ({request})")
+        say(f"wrote {folder}/Dockerfile and the model of {model_uri}: `docker build -t NAME {folder}`, then "
+            f"`docker run -p 5001:8080 NAME` (POST /invocations, /v1/chat/completions, /v1/models)")
         return
-    say(f"serving {what} on http://{host}:{port} ({request})")
-    process = start_server(model_uri, store, host, port, workers=workers, timeout=timeout)
+    name = model_uri.removeprefix("models:/").split("@")[0].rsplit("/", 1)[0] if model_uri.startswith("models:/") \
+        else cfg.model_name
+    say(f"serving {model_uri} on http://{host}:{port}: POST /invocations, and the OpenAI API at "
+        f"http://{host}:{port}/v1 (model \"{name}\"){' with a bearer key' if api_key else ''}")
+    process = start_server(model_uri, store, host, port, workers=workers, timeout=timeout,
+                           all_versions=all_versions, api_key=api_key)
     try:
         code = process.wait()
     finally:

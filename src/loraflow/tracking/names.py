@@ -46,7 +46,7 @@ class Tags:
     REGISTER_RUN_ID = "loraflow.register_run_id"
     REGISTERED_VERSION = "loraflow.registered_version"
     SERVED_DTYPE = "loraflow.served_dtype"  # gate run and version: the dtype the version is judged and served in
-    CHAT_MODEL_URI = "loraflow.chat_model_uri"  # version tag: the chat flavour logged beside the pyfunc
+    CHAT_MODEL_URI = "loraflow.chat_model_uri"  # version tag of versions registered with a chat flavour (before 0.2)
     GATE = "loraflow.gate"
     GATE_REASON = "loraflow.gate_reason"
     GATE_METRIC = "gate.metric"
