@@ -290,18 +290,46 @@ def test_dockerfile_holds_the_registered_model_and_its_requirements(tiny_llama, 
     assert code == 0, err
     dockerfile = (folder / "Dockerfile").read_text()
     assert "COPY model_dir /opt/ml/model" in dockerfile and "_install_pyfunc_deps" in dockerfile
-    assert "_serve(" in dockerfile.splitlines()[-1]
+    assert dockerfile.splitlines()[-2:] == ["ENV PYTHONPATH=/opt/ml/model/code", (
+        'ENTRYPOINT ["python", "-m", "loraflow.serving.app", "--model-uri", "/opt/ml/model", "--host", "0.0.0.0", '
+        '"--port", "8080"]')]
     model = folder / "model_dir"
     [mlmodel] = model.rglob("MLmodel")
     assert "python_function" in mlmodel.read_text()
     requirements = next(model.rglob("requirements.txt")).read_text()
     assert all(package in requirements for package in ("torch", "transformers", "mlflow"))
     assert list(model.rglob("model.safetensors")), "the merged weights travel with the image"
-    assert list(model.rglob("served_model.py")) or list(model.rglob("serving.py")), "loraflow's code travels too"
+    assert (model / "code" / "loraflow" / "serving" / "app.py").is_file(), "loraflow's code travels too"
+    assert_the_image_entrypoint_serves_both_apis(model, tmp_path)
 
     code, _, err = run_cli("serve", project, "--dockerfile", str(folder))
     assert_one_line_error(code, err, "not an empty folder")
     assert (folder / "Dockerfile").read_text() == dockerfile  # the first context is left as it was
+
+
+def assert_the_image_entrypoint_serves_both_apis(model_dir, tmp_path) -> None:
+    """The image's ENTRYPOINT, run here on the model folder with only the code inside it on PYTHONPATH (its copy
+    of loraflow, not the installed one): /invocations and /v1/models answer."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(model_dir / "code")}
+    where = subprocess.run([sys.executable, "-c", "import loraflow; print(loraflow.__file__)"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(model_dir / "code"))
+    with open(tmp_path / "image.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "loraflow.serving.app", "--model-uri", str(model_dir),
+                                    "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            serving.wait_until_ready(url, timeout=180, process=process)
+        except LoraflowError as exc:
+            pytest.fail(f"{exc}\n{(tmp_path / 'image.log').read_text()[-3000:]}")
+        assert len(serving.predict_over_http(url, ["Describe: Oak desk"], {"max_new_tokens": 4})) == 1
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as response:
+            assert [m["id"] for m in json.loads(response.read())["data"]] == ["tiny", "tiny/local"]
+    finally:
+        serving.stop_server(process, timeout=20)
 
 
 def test_concurrent_greedy_requests_share_one_generate_call_and_keep_their_answers(generator, monkeypatch):

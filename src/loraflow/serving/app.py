@@ -92,12 +92,6 @@ def pyfunc_of(version):
 def create_app(versions, api_key: str | None = None):
     """The FastAPI app over `versions` (a ServedVersions); with `api_key`, behind BearerKey."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from mlflow.exceptions import MlflowException
-    from mlflow.pyfunc import scoring_server
-    from mlflow.version import VERSION
-
-    from loraflow.serving import openai_api
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -109,58 +103,81 @@ def create_app(versions, api_key: str | None = None):
         versions.stop()
 
     app = FastAPI(title="loraflow", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.get("/ping")
-    @app.get("/health")
-    async def ping():
-        return Response(content="\n", status_code=200, media_type="application/json")
-
-    @app.get("/version")
-    async def version():
-        return Response(content=VERSION, status_code=200, media_type="application/json")
-
-    @app.post("/invocations")
-    async def invocations(request: Request):
-        data, content_type = await request.body(), request.headers.get("content-type") or ""
-        model = pyfunc_of(versions.default())  # the alias's version now
-        try:
-            result = await asyncio.to_thread(scoring_server.invocations, data, content_type, model,
-                                             model.metadata.get_input_schema())
-        except MlflowException as exc:
-            return Response(exc.serialize_as_json(), status_code=exc.get_http_status_code(),
-                            media_type="application/json")
-        return Response(content=result.response, status_code=result.status, media_type=result.mimetype)
-
-    @app.get("/v1/models")
-    async def models():
-        return openai_api.model_list(versions)
-
-    async def answer(request: Request, chat: bool):
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        try:
-            if not isinstance(body, dict):
-                raise openai_api.bad("the request body must be a JSON object")
-            model_id, served = await asyncio.to_thread(openai_api.resolve, versions, body)
-            if body.get("stream"):
-                events = await openai_api.prepared_stream(body, model_id, served, chat)
-                return StreamingResponse(events, media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return await openai_api.complete(body, model_id, served, chat)
-        except openai_api.ApiError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await answer(request, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await answer(request, chat=False)
-
+    app.state.versions = versions
+    app.get("/ping")(ping)
+    app.get("/health")(ping)
+    app.get("/version")(mlflow_version)
+    app.post("/invocations")(invocations)
+    app.get("/v1/models")(model_list)
+    app.post("/v1/chat/completions")(chat_completions)
+    app.post("/v1/completions")(completions)
     return BearerKey(app, api_key) if api_key else app
+
+
+async def ping():
+    from fastapi.responses import Response
+
+    return Response(content="\n", status_code=200, media_type="application/json")
+
+
+async def mlflow_version():
+    from fastapi.responses import Response
+    from mlflow.version import VERSION
+
+    return Response(content=VERSION, status_code=200, media_type="application/json")
+
+
+async def invocations(request: Request):
+    """MLflow's /invocations, answered by the default version (the alias's version now)."""
+    from fastapi.responses import Response
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    data, content_type = await request.body(), request.headers.get("content-type") or ""
+    model = pyfunc_of(request.app.state.versions.default())
+    try:
+        result = await asyncio.to_thread(scoring_server.invocations, data, content_type, model,
+                                         model.metadata.get_input_schema())
+    except MlflowException as exc:
+        return Response(exc.serialize_as_json(), status_code=exc.get_http_status_code(), media_type="application/json")
+    return Response(content=result.response, status_code=result.status, media_type=result.mimetype)
+
+
+async def model_list(request: Request):
+    from loraflow.serving import openai_api
+
+    return openai_api.model_list(request.app.state.versions)
+
+
+async def chat_completions(request: Request):
+    return await openai_answer(request, chat=True)
+
+
+async def completions(request: Request):
+    return await openai_answer(request, chat=False)
+
+
+async def openai_answer(request: Request, chat: bool):
+    """A chat or text completion, whole or streamed; an OpenAI-shaped error for what cannot be answered."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from loraflow.serving import openai_api
+
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    try:
+        if not isinstance(body, dict):
+            raise openai_api.bad("the request body must be a JSON object")
+        model_id, served = await asyncio.to_thread(openai_api.resolve, request.app.state.versions, body)
+        if body.get("stream"):
+            events = await openai_api.prepared_stream(body, model_id, served, chat)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await openai_api.complete(body, model_id, served, chat)
+    except openai_api.ApiError as exc:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def app_from_env():
