@@ -20,7 +20,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 DOCS = BENCH_DIR.parent / "docs" / "benchmarks.md"
 ORDER = ("train", "train-fp32", "train-fp32-avx2", "levers", "levers-cpt", "levers-fp32", "levers-fp32-cpt",
-         "levers-fp32-avx2", "memory", "generate", "serving", "serving-fp32", "tune", "tune-successive-halving",
+         "levers-fp32-avx2", "memory", "generate", "serving", "serving-fp32", "serving-openai", "serving-versions", "tune", "tune-successive-halving",
          "tune-successive-halving-factor-4", "tune-32-trials", "tune-successive-halving-factor-4-32-trials",
          "tune-successive-halving-factor-4-32-trials-seeds-3-5", "coldstart", "coldstart-nf4", "load")
 KEPT = {  # results measured on another kind of CPU, kept for the table and never re-run here
@@ -34,6 +34,8 @@ VARIANTS = {  # result name: (benchmark, its options)
     "levers-cpt": ("levers", ["--objective", "cpt", "--max-length", "512", "--pairs", "5"]),
     "levers-fp32-cpt": ("levers", ["--dtype", "fp32", "--objective", "cpt", "--max-length", "512", "--pairs", "3"]),
     "serving-fp32": ("serving", ["--dtype", "fp32"]),
+    "serving-openai": ("serving", ["--openai"]),
+    "serving-versions": ("serving", ["--versions"]),
     "tune-successive-halving": ("tune", ["--pruner", "successive_halving"]),
     "tune-successive-halving-factor-4": ("tune", ["--pruner", "successive_halving", "--reduction-factor", "4"]),
     "tune-32-trials": ("tune", ["--trials", "32"]),

@@ -60,8 +60,12 @@ def test_benchmark_smoke_writes_results(name, tmp_path, monkeypatch, bench_store
     assert isinstance(record["ratio"], (int, float))  # the headline figure; the first goal's unless set
     if name not in ("load", "coldstart"):
         assert record["ratio"] == record["goals"][0]["value"]
-    if name == "serving":  # micro-batched concurrent answers are the lone ones
-        assert record["same_answers_concurrent_and_sequential"] is True
+    if name == "serving":  # micro-batched concurrent answers are the lone ones in fp32; bf16 says what differs
+        costs = record["batching_costs"]
+        assert record["same_answers_concurrent_and_sequential"] is (costs["differing_answers"] == 0)
+        assert costs["served_dtype"] != "fp32" or costs["differing_answers"] == 0
+        assert 0 <= costs["token_agreement"] <= 1 and costs["token_agreement"] == 1 or costs["differing_answers"]
+        assert costs["rougeL_delta"]["low"] <= costs["rougeL_delta"]["point"] <= costs["rougeL_delta"]["high"]
     if name == "generate":
         assert record["identity"]["mismatches"] == 0
     if name == "load":  # answers, not timings: every bad request a 4xx, no good one a 5xx, none lost
@@ -79,6 +83,23 @@ def test_benchmark_smoke_writes_results(name, tmp_path, monkeypatch, bench_store
         assert record["loss"]["heldout"]["loraflow"] > 0 and record["loss"]["heldout"]["baseline"] > 0
         assert set(record["variants"]) == {"peft_forward", "shared_head", "unfused_head"}  # a lever left out in each
     shutil.copy(tmp_path / f"{name}-smoke.json", table_dir / f"{name}.json")
+
+
+@pytest.mark.parametrize("suite, specific", [
+    ("openai", {"routes", "first_token_over_whole", "stream_completion_tokens"}),
+    ("versions", {"rss_bytes", "memory_ratio", "throughput_many_vs_one"})])
+def test_serving_suites_of_the_openai_api_and_versions(suite, specific, tmp_path, monkeypatch, bench_store, table_dir):
+    monkeypatch.setenv("LORAFLOW_BENCH_TRACKING_URI", bench_store)
+    bench_module("bench_serving").main(["--smoke", f"--{suite}", "--results-dir", str(tmp_path)])
+    record = json.loads((tmp_path / f"serving-{suite}-smoke.json").read_text())
+    assert COMMON_KEYS | specific <= set(record), set(record) ^ (COMMON_KEYS | specific)
+    assert record["ratio"] == record["goals"][0]["value"] > 0
+    if suite == "openai":  # the two routes gave the same answers, and the stream came in pieces
+        assert record["goals"][2]["value"] == 0 and record["stream_completion_tokens"] > 0
+        assert 0 < record["first_token_over_whole"] <= 1
+    else:  # a server of 4 versions holds one base: far from 4 servers' memory
+        assert record["rss_bytes"]["4_versions"] < 2 * record["rss_bytes"]["1_version"]
+    shutil.copy(tmp_path / f"serving-{suite}-smoke.json", table_dir / f"serving-{suite}.json")
 
 
 def test_coldstart_of_qlora_also_times_the_start_that_quantises_again(tmp_path, monkeypatch, bench_store, table_dir):
