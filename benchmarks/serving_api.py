@@ -56,16 +56,23 @@ def streamed(url: str, body: dict) -> dict:
 
 
 def openai_arms(url: str, model: str, prompts: list[str], params: dict, answers: dict) -> dict:
-    from loraflow import serving
+    """Both routes through one kept-alive HTTP client each, so the arms differ only in the route."""
+    import httpx
 
     def invocations() -> dict:
-        seconds, answers["invocations"] = common.timed(
-            lambda: [serving.predict_over_http(url, [p], params)[0] for p in prompts])
+        with httpx.Client(base_url=url, timeout=600) as http:
+            def ask(prompt: str) -> str:
+                response = http.post("/invocations", json={"dataframe_records": [{"prompt": prompt}], "params": params})
+                return response.json()["predictions"][0]
+            seconds, answers["invocations"] = common.timed(lambda: [ask(p) for p in prompts])
         return {"seconds": seconds, "requests_per_second": len(prompts) / seconds}
 
     def openai() -> dict:
-        seconds, answers["openai"] = common.timed(
-            lambda: [chat_answer(url, chat_body(model, p, params["max_new_tokens"])) for p in prompts])
+        with httpx.Client(base_url=url, timeout=600) as http:
+            def ask(prompt: str) -> str:
+                response = http.post("/v1/chat/completions", json=chat_body(model, prompt, params["max_new_tokens"]))
+                return response.json()["choices"][0]["message"]["content"]
+            seconds, answers["openai"] = common.timed(lambda: [ask(p) for p in prompts])
         return {"seconds": seconds, "requests_per_second": len(prompts) / seconds}
     return {"openai": openai, "invocations": invocations}
 

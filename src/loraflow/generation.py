@@ -105,13 +105,15 @@ def decoded(tokenizer, new_ids: list[int]) -> str:
 
 def generate_encoded(model, tokenizer, encoded: list[list[int]], cfg: Config, *, seed: int | None = None,
                      deadline: float | None = None, progress: bool = False, stop_strings: list[str] | None = None,
-                     stopping: list | None = None, streamer=None) -> list[list[int]]:
+                     stopping: list | None = None, streamer=None,
+                     adapter_names: list[str] | None = None) -> list[list[int]]:
     """The new token ids after each encoded prompt, in the order given: `generate`'s batches and decoding.
 
     A row's ids end with its stop token when one was generated (the padding after it is dropped);
     `stop_strings` also end a row (transformers' StopStringCriteria), `stopping` adds criteria (each
     answering per row), `streamer` receives the tokens (one row at a time: a streamer takes batches
-    of one). Past `deadline`, DeadlinePassed carries the ids generated so far.
+    of one), `adapter_names` gives each row's PEFT adapter (a mixed batch). Past `deadline`, DeadlinePassed
+    carries the ids generated so far.
     """
     import torch
     import transformers
@@ -131,10 +133,11 @@ def generate_encoded(model, tokenizer, encoded: list[list[int]], cfg: Config, *,
     answers: list[list[int]] = [[] for _ in encoded]
     for batch in tqdm(batches, desc="generating", unit="batch", leave=False, disable=not progress):
         input_ids, attention_mask = pad_batch([encoded[i] for i in batch], tokenizer.pad_token_id, left=causal)
+        rows = {"adapter_names": [adapter_names[i] for i in batch]} if adapter_names else {}
         with torch.inference_mode():
             output = model.generate(input_ids=input_ids.to(model.device),
                                     attention_mask=attention_mask.to(model.device),
-                                    stopping_criteria=criteria, streamer=streamer, **settings)
+                                    stopping_criteria=criteria, streamer=streamer, **settings, **rows)
         new_tokens = output[:, input_ids.shape[1]:] if causal else output[:, 1:]
         for index, tokens in zip(batch, new_tokens):
             answers[index] = ended_at_stop(tokens.tolist(), settings["eos_token_id"], tokenizer.pad_token_id)

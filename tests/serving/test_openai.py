@@ -238,6 +238,8 @@ def test_a_stream_whose_client_goes_away_stops_at_the_next_step(two_versions):
 
 
 def test_concurrent_requests_to_two_versions_get_their_own_answers(two_versions):
+    """Requests to two versions on one base share batches (each row through its own adapter) and still get the
+    answers each gets alone."""
     first, second = two_versions
     versions = ServedVersions.open(f"models:/{NAME}@champion")
     prompts = ["Describe: Oak desk", "Describe: Red mug", "Describe: Blue lamp", "Describe: Tall vase"]
@@ -251,6 +253,7 @@ def test_concurrent_requests_to_two_versions_get_their_own_answers(two_versions)
     assert [a.choices[0].message.content for a in answers] == [alone[vp] for vp in asked]
     assert [a.system_fingerprint for a in answers] == [f"{NAME}/{v}" for v, _ in asked]
     assert alone[(first, prompts[0])] != alone[(second, prompts[0])]  # the adapters do differ
+    assert versions.default().engine.mixed_batches > 0  # and the two versions' requests did share batches
 
 
 def test_requests_follow_the_alias_when_register_moves_it(two_versions, register, monkeypatch):

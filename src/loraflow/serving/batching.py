@@ -7,14 +7,15 @@
 
 A server answers each request on a thread of its pool; `server_loop` gives that pool enough threads
 that every concurrent request can wait for one micro-batch. Requests with the same batch_key (greedy,
-one version, one max_new_tokens and stop list) share one batched generate call, in every dtype; a
-sampled or streamed request goes alone. A job's `cancelled` event stops its generation at the next
+one max_new_tokens and stop list, of versions on one base) share one batched generate call, in every
+dtype, each row through its own version's adapter; a sampled or streamed request goes alone. A job's `cancelled` event stops its generation at the next
 decode step (a streaming client that went away).
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -116,6 +117,7 @@ class Engine:
         self.waiting: list[Job] = []  # jobs not yet taken into a batch, oldest first
         self.last_batch_seconds = 0.0
         self.cancelled_steps: list[int] = []  # for each cancelled stream: tokens it had when generation stopped
+        self.mixed_batches = 0  # batches whose rows went through more than one adapter
 
     def answer(self, job: Job) -> list[list[int]]:
         """The new token ids of each of `job`'s rows; raises its error (400, 503 busy, 504, 500)."""
@@ -180,6 +182,14 @@ class Engine:
                     job.error = exc
         return job.error is None
 
+    @functools.cached_property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end an answer (generation.stop_token_ids: the tokenizer's whole vocabulary is read once)."""
+        from loraflow import generation
+
+        with self.tokenizer_lock:
+            return frozenset(generation.stop_token_ids(self.model, self.tokenizer))
+
     def decode(self, ids: list[int]) -> str:
         """Token ids as text, special tokens dropped (not stripped), safe beside other threads' encoding."""
         with self.tokenizer_lock:
@@ -206,18 +216,25 @@ class Engine:
                 job.done.set()
 
     def generate(self, batch: list[Job]) -> list[list[int]]:
-        """The new ids of every row of `batch`, in order, with the batch's adapter active (on the model thread)."""
+        """The new ids of every row of `batch`, in order (on the model thread). One adapter: it is made the active
+        one; several (versions on one base): each row goes through its own (PEFT's mixed-adapter batches)."""
         from loraflow import generation
 
         first = batch[0]
-        self.use_adapter(first.adapter)
+        adapters = {job.adapter for job in batch}
+        per_row = None
+        if len(adapters) > 1:
+            per_row = [job.adapter for job in batch for _ in job.rows]
+            self.mixed_batches += 1
+        else:
+            self.use_adapter(first.adapter)
         streamer = TokenStream(first.on_token) if first.on_token is not None else None
         stopping = [all_cancelled(batch, self.cancelled_steps, streamer)]
         return generation.generate_encoded(self.model, self.tokenizer, [row for job in batch for row in job.rows],
                                            request_config(first.cfg, first.settings), seed=first.settings["seed"],
                                            deadline=min(j.deadline for j in batch),
                                            stop_strings=list(first.stop) or None, stopping=stopping,
-                                           streamer=streamer)
+                                           streamer=streamer, adapter_names=per_row)
 
     def use_adapter(self, name: str | None) -> None:
         """Make `name` the PEFT model's active adapter (None: leave the model as it is)."""
@@ -233,12 +250,14 @@ class Engine:
 
 
 def batch_key(job: Job):
-    """Jobs with the same key share one generate call: greedy ones of one group (version) with the same
-    max_new_tokens and stop strings (temperature, top_p and seed do not change a greedy answer). A sampled job goes
-    alone (its seed fixes its random stream), and so does a stream (its tokens go out as they come)."""
+    """Jobs with the same key share one generate call: greedy ones with the same max_new_tokens, stop strings and
+    decoding settings (temperature, top_p and seed do not change a greedy answer), either of one group or, when
+    each names an adapter of the engine's model, of any versions on it. A sampled job goes alone (its seed fixes
+    its random stream), and so does a stream (its tokens go out as they come)."""
     if job.settings["do_sample"] or job.on_token is not None:
         return None
-    return job.group, job.adapter, job.settings["max_new_tokens"], job.stop
+    decoding = (job.cfg.model.kind, job.cfg.eval.repetition_penalty, job.cfg.eval.batch_size)
+    return (job.group if job.adapter is None else "adapters"), decoding, job.settings["max_new_tokens"], job.stop
 
 
 class TokenStream:

@@ -215,10 +215,8 @@ class AnswerText:
     whitespace, no half character) and, at the end, the whole answer and why it ended."""
 
     def __init__(self, version: Version, stop: tuple[str, ...]):
-        from loraflow import generation
-
         self.version, self.stop, self.ids, self.sent = version, stop, [], ""
-        self.stop_ids = set(generation.stop_token_ids(version.engine.model, version.engine.tokenizer))
+        self.stop_ids = version.engine.stop_ids
 
     def text(self) -> tuple[str, bool]:
         """(the answer so far, cut at the first stop string; whether one was found)."""
