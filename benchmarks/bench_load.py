@@ -1,4 +1,4 @@
-"""Load: concurrent clients send a fixed mix of good and bad requests to `mlflow models serve` for minutes.
+"""Load: concurrent clients send a fixed mix of good and bad requests to loraflow's server for minutes.
 
     .venv/bin/python benchmarks/bench_load.py [--smoke] [--clients 8] [--seconds 180] [--max-new-tokens 8]
 

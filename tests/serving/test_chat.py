@@ -208,8 +208,9 @@ def register_tiny(tiny_llama):
 
 def test_the_serve_command_answers_the_openai_sdk_and_stops_on_sigterm(tiny_llama, write_project, run_cli, tmp_path,
                                                                         monkeypatch):
-    """`loraflow serve` after a real train and register, with a key from the environment: the SDK's chat answer is
-    the pyfunc's for one user message; --chat only says it is not needed; SIGTERM stops server and loraflow."""
+    """`loraflow serve --workers 2` after a real train and register, with a key from the environment: the SDK's chat
+    answer is the pyfunc's for one user message; --chat only says it is not needed; SIGTERM stops server and
+    loraflow."""
     project = write_project(tiny_llama, train={"max_steps": 1},
                             registry={"min_improvement": -1.0, "max_new_tokens_cap": 32})
     assert run_cli("train", project)[0] == 0
@@ -222,7 +223,7 @@ def test_the_serve_command_answers_the_openai_sdk_and_stops_on_sigterm(tiny_llam
     monkeypatch.setenv("LORAFLOW_API_KEY", "k-123")
     with open(tmp_path / "serve.log", "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "serve", str(project), "--chat",
-                                    "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                    "--port", str(port), "--workers", "2"], stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
         try:
@@ -234,6 +235,9 @@ def test_the_serve_command_answers_the_openai_sdk_and_stops_on_sigterm(tiny_llam
         assert answer.choices[0].message.content == expected and answer.system_fingerprint == "tiny/1"
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        for _ in range(4):  # whichever worker takes it
+            assert api.chat.completions.create(model="tiny", messages=user(PROMPTS[0]), max_tokens=8,
+                                               temperature=0).choices[0].message.content == expected
     finally:
         serving.stop_server(process, timeout=30)  # SIGTERM: loraflow stops its server, then exits
     log_text = (tmp_path / "serve.log").read_text()

@@ -283,7 +283,7 @@ def free_port() -> int:
 
 
 def check_serving(cfg: Config, store: tracking.Store, prepared: data.PreparedData) -> str | None:
-    """Start `mlflow models serve` with the champion on a free port, ask one prompt, stop the server."""
+    """Start loraflow's server with the champion on a free port, ask one prompt, stop the server."""
     from loraflow import serving
     from loraflow.stages import register
 
@@ -292,7 +292,7 @@ def check_serving(cfg: Config, store: tracking.Store, prepared: data.PreparedDat
         return None
     model_uri, port = serving.default_model_uri(cfg), free_port()
     url = f"http://127.0.0.1:{port}"
-    say(f"serve check: starting `mlflow models serve -m {model_uri}` on {url}")
+    say(f"serve check: starting the server on {model_uri} at {url}")
     log = tempfile.NamedTemporaryFile(prefix="loraflow-serve-", suffix=".log", delete=False)
     process = serving.start_server(model_uri, store, port=port, stdout=log, stderr=log)
     try:
