@@ -243,7 +243,7 @@ def test_quickstart_smoke_pipeline_over_http_then_served_from_the_servers_regist
                                                  {"max_new_tokens": 8})
             assert isinstance(answer, str)
         finally:
-            serving.stop_server(serve, timeout=60)  # its SIGTERM stops `mlflow models serve` first
+            serving.stop_server(serve, timeout=60)  # its SIGTERM stops the server process first
         left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]  # torch's compile cache
         assert not left  # the register check's and the server's downloads are removed
 

@@ -1,4 +1,4 @@
-"""The pyfunc model and a real `mlflow models serve` process: predictions, params, malformed requests."""
+"""The pyfunc model and a real server process: predictions, params, malformed requests."""
 from __future__ import annotations
 
 import asyncio
@@ -80,7 +80,7 @@ def logged_model(project_config, tiny_llama):
 
 @pytest.fixture
 def server(logged_model, tmp_path):
-    """A real `mlflow models serve --env-manager local` on a free port; its process group is stopped at the end."""
+    """A real server process (`serving.start_server`) on a free port; its process group is stopped at the end."""
     port = free_port()
     with open(tmp_path / "server.log", "w") as log:
         process = serving.start_server(logged_model, tracking.connect(), "127.0.0.1", port, workers=1, timeout=120,
@@ -258,7 +258,7 @@ def test_the_request_budget_stays_under_the_server_timeout(monkeypatch):
             serving.request_budget()
 
 
-def test_serve_command_passes_workers_and_timeout_to_mlflow():
+def test_serve_command_passes_workers_and_timeout_to_the_server():
     command = serving.serve_command("models:/tiny@champion", "127.0.0.1", 5001, workers=2, timeout=30)
     assert " --workers 2 --timeout 30" in " ".join(command)
     default = serving.serve_command("models:/tiny@champion", "127.0.0.1", 5001)
