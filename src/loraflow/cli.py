@@ -52,7 +52,7 @@ def setup(project: str, overrides, tracking_uri: str | None, experiment: str | N
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="loraflow")
 def cli():
-    """Tracked LoRA/QLoRA fine-tuning: prepare, train, evaluate, tune, register, serve, pipeline.
+    """Tracked LoRA/QLoRA fine-tuning: prepare, train, evaluate, tune, register, serve, export, pipeline.
 
     Every stage takes a PROJECT (a folder under projects/ or a YAML file) and logs to MLflow.
     Start with `loraflow pipeline quickstart`, then `mlflow ui --backend-store-uri
@@ -276,6 +276,33 @@ def runs(cfg, store, limit, evaluations, json_path):
     click.echo(runs_stage.table_text(runs_stage.evaluation_rows(store, limit), "no finished evaluations in this experiment yet"))
     if json_path:
         Path(json_path).write_text(json.dumps(runs_stage.evaluation_summary(store, limit), indent=2) + "\n")
+
+
+@cli.command()
+@project_options
+@click.option("--model-uri", default=None, metavar="models:/NAME@ALIAS|models:/NAME/VERSION",
+              help="The registered version to export (default: models:/<registry.model_name>@<registry.alias>).")
+@click.option("--quantization", type=click.Choice(["f16", "q8_0", "f32"]), default="f16", show_default=True,
+              help="f16: half the size of fp32, answers as served; q8_0: about a quarter, near-identical; f32: exact.")
+@click.option("--output", default=None, type=click.Path(), metavar="DIR",
+              help="Folder for the files (default: exports/NAME-vVERSION-QUANT).")
+@click.option("--force", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              help="Replace an existing output folder (only once the new files are complete).")
+@click.option("--max-artifact-mb", type=float, default=2048.0, show_default=True,
+              help="Files up to this size are logged as artifacts of the export run; larger ones by path and sha256.")
+def export(cfg, store, model_uri, quantization, output, force, max_artifact_mb):
+    """Export a registered version as GGUF with an Ollama Modelfile, for llama.cpp, Ollama and LM Studio.
+
+    Writes NAME-vVERSION-QUANT.gguf (architecture, tokenizer, chat template inside), a Modelfile
+    (`ollama create NAME -f Modelfile`) and a README with the version's gate figures. Supports the
+    llama family (SmolLM2, TinyLlama, Llama 3.x) and qwen2. The export is an MLflow run (stage
+    export); the version gets the tag loraflow.export.<QUANT> naming it.
+    """
+    from loraflow.stages import export as export_stage
+
+    result = export_stage.run(cfg, store, model_uri=model_uri, quantization=quantization, output=output,
+                              force=force, max_artifact_mb=max_artifact_mb)
+    click.echo(export_stage.summary_line(result))
 
 
 @cli.command("config")

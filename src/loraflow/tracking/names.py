@@ -57,6 +57,11 @@ class Tags:
     GATE_BASE_SCORE = "gate.base_score"
     GATE_DELTA_LOW = "gate.delta_low"
     GATE_DELTA_HIGH = "gate.delta_high"
+    # export (run tags; the version links to each export by Tags.export(quantization))
+    EXPORTED_VERSION = "loraflow.exported_version"  # models:/NAME/VERSION, the version an export run converted
+    EXPORT_QUANTIZATION = "loraflow.export_quantization"  # f16, q8_0 or f32
+    EXPORT_PATH = "loraflow.export_path"  # the folder the GGUF, Modelfile and README went to
+    EXPORT_SHA256 = "loraflow.export_sha256"  # of the GGUF file
     # MLflow's own
     PARENT_RUN_ID = "mlflow.parentRunId"
     RUN_NAME = "mlflow.runName"
@@ -65,6 +70,11 @@ class Tags:
     def step(stage: str, field: str) -> str:
         """The pipeline parent's tag for one step: `loraflow.step.train.run_id`, `...reused`."""
         return f"loraflow.step.{stage}.{field}"
+
+    @staticmethod
+    def export(quantization: str) -> str:
+        """The model version's tag naming its export run in one quantization: `loraflow.export.f16`."""
+        return f"loraflow.export.{quantization}"
 
 
 TRAIN_LOSS, EVAL_LOSS = "train/loss", "eval/loss"
