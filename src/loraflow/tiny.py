@@ -167,3 +167,45 @@ def build_tiny_smollm(folder: Path) -> Path:
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.1)
     return save_tiny(folder, LlamaForCausalLM(config), tokenizer, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+ZEPHYR_CHAT_TEMPLATE = (  # TinyLlama-1.1B-Chat's
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+
+
+def train_sentencepiece_style_tokenizer(corpus: list[str]):
+    """A BPE vocabulary laid out as Llama 2's and TinyLlama's tokenizer.json hold SentencePiece: words marked with
+    \u2581 by the normalizer, no pre-tokenizer, digits one by one, <0x00>..<0xFF> for byte fallback, bos added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([  # for training only: no merge across words or digits
+        pre_tokenizers.Split("\u2581", "merged_with_next"), pre_tokenizers.Digits(individual_digits=True)])
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+    tokenizer.pre_tokenizer = None
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tokenizer
+
+
+def build_tiny_tinyllama(folder: Path) -> Path:
+    """TinyLlama-1.1B-Chat in small: a SentencePiece-style vocabulary (llama.cpp's `llama` tokenizer), bos added by
+    the tokenizer, the Zephyr chat format, untied embeddings, grouped-query attention."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_sentencepiece_style_tokenizer(catalogue_corpus()),
+                                        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+                         initializer_range=0.1)
+    return save_tiny(folder, LlamaForCausalLM(config), tokenizer, 2, 2)

@@ -102,6 +102,14 @@ def test_qwen2_keeps_its_biases_and_row_order(tiny_qwen2, tmp_path):
     assert verify.compare(reference, model, [tokenizer(TEXT)["input_ids"]])["max_abs_logit_diff"] < 1e-4
 
 
+def test_tinyllamas_sentencepiece_shape_reads_back_exactly(tmp_path):
+    folder = tiny.build_tiny_tinyllama(tmp_path / "tinyllama")
+    model, tokenizer = verify.load_gguf(convert(folder, tmp_path))
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert model.config.num_key_value_heads == 2 and not model.config.tie_word_embeddings
+    assert verify.compare(reference, model, [[1, *tokenizer(TEXT)["input_ids"]]])["max_abs_logit_diff"] < 1e-4
+
+
 def test_tied_embeddings_have_no_output_weight(tiny_smollm, tiny_llama, tmp_path):
     assert "output.weight" not in tensors(convert(tiny_smollm, tmp_path))
     assert "output.weight" in tensors(convert(tiny_llama, tmp_path))  # untied: TinyLlama's shape

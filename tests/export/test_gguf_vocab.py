@@ -109,3 +109,27 @@ def test_a_project_without_chat_formatting_gets_the_plain_prompt_template(tiny_l
     messages = [{"role": "system", "content": "x"}, {"role": "user", "content": "Describe: Oak desk"}]
     assert render(vocab.chat_template, messages, tiny_tokenizer(tiny_llama)) == "Describe: Oak desk\n"
     assert vocab.eot_id is None
+
+
+def test_a_sentencepiece_vocabulary_is_llama_cpps_llama_tokenizer(tmp_path, write_project):
+    folder = tiny.build_tiny_tinyllama(tmp_path / "tinyllama")
+    path = tmp_path / "tinyllama.gguf"
+    export.write_gguf(folder, path, "f16", export.Vocab.of(folder))
+    fields = {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()}
+    tokenizer = tiny_tokenizer(folder)
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"]
+    assert fields["tokenizer.ggml.token_type"][tokenizer.convert_tokens_to_ids("<0x41>")] == gguf.TokenType.BYTE
+    assert fields["tokenizer.ggml.token_type"][tokenizer.unk_token_id] == gguf.TokenType.UNKNOWN
+    scores = fields["tokenizer.ggml.scores"]
+    first, second = (tokenizer.convert_tokens_to_ids("".join(m.split(" "))) for m in fields["tokenizer.ggml.merges"][:2])
+    assert scores[first] > scores[second]  # the first merge scores highest: llama.cpp merges it first
+    _, read_back = verify.load_gguf(path)
+    for text in NUMBERS + ["ñandú 漢字 and  two  spaces"]:  # digits one by one, bytes for what the vocabulary lacks
+        assert read_back(text, add_special_tokens=False)["input_ids"] == \
+            tokenizer(text, add_special_tokens=False)["input_ids"], text
+    cfg = load_config(str(write_project(folder)))
+    vocab = export.Vocab.of(folder)
+    text = render(vocab.chat_template, data.prompt_messages("Describe: Oak desk", cfg), tokenizer)
+    ids = [vocab.bos_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert vocab.add_bos and ids == data.prompt_token_ids(tokenizer, "Describe: Oak desk", cfg)
+    assert ids.count(tokenizer.bos_token_id) == 1

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from loraflow import LoraflowError, export, models, tiny
+from loraflow.data.tokens import missing_bos
 
 SMOLLM2_TEMPLATE = (  # SmolLM2-Instruct's own: a default system message when the conversation has none
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -30,10 +31,11 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def folders(tiny_llama, tmp_path_factory) -> dict:
     """One tokenizer folder per chat family: ChatML (tiny Llama, tiny Qwen2), SmolLM2's ChatML with a default
-    system message, Llama 3, Zephyr (TinyLlama's chat)."""
+    system message, Llama 3, Zephyr (TinyLlama's chat: on the tiny model's vocabulary, and on a SentencePiece one
+    with eos </s> and bos added by the tokenizer)."""
     root = tmp_path_factory.mktemp("families")
     found = {"chatml": tiny_llama, "qwen2": tiny.build_tiny_qwen2(root / "qwen2"),
-             "llama3": tiny.build_tiny_llama3(root / "llama3")}
+             "llama3": tiny.build_tiny_llama3(root / "llama3"), "tinyllama": tiny.build_tiny_tinyllama(root / "tl")}
     for name, template in (("smollm2", SMOLLM2_TEMPLATE), ("zephyr", ZEPHYR_TEMPLATE)):
         shutil.copytree(tiny_llama, root / name)
         tokenizer = models.read_tokenizer(str(root / name))
@@ -49,7 +51,7 @@ def parsed(folder: Path, **data) -> tuple[dict, object]:
     return export.parse_modelfile(export.modelfile("m.gguf", tokenizer, settings)), tokenizer
 
 
-@pytest.mark.parametrize("family", ["chatml", "qwen2", "smollm2", "llama3", "zephyr"])
+@pytest.mark.parametrize("family", ["chatml", "qwen2", "smollm2", "llama3", "zephyr", "tinyllama"])
 @pytest.mark.parametrize("system_prompt", ["", "You write product copy."])
 def test_the_template_renders_what_the_chat_template_renders(folders, family, system_prompt):
     modelfile, tokenizer = parsed(folders[family], system_prompt=system_prompt)
@@ -60,8 +62,9 @@ def test_the_template_renders_what_the_chat_template_renders(folders, family, sy
             asked = [{"role": "system", "content": system_prompt}, *conversation]
         expected = tokenizer.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
         got = export.render(modelfile["TEMPLATE"], export.ollama_values(conversation, modelfile.get("SYSTEM", "")))
-        ids = bos + tokenizer(got, add_special_tokens=False)["input_ids"]
-        assert ids == tokenizer(expected, add_special_tokens=False)["input_ids"], (family, got, expected)
+        ids = bos + tokenizer(got, add_special_tokens=False)["input_ids"]  # the runtime adds the bos the file asks for
+        trained = tokenizer(expected, add_special_tokens=False)["input_ids"]
+        assert ids == missing_bos(tokenizer, trained) + trained, (family, got, expected)
 
 
 def test_the_system_line_is_the_projects_or_the_templates_default(folders):

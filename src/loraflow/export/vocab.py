@@ -25,6 +25,8 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 BOS_AT_START = re.compile(r"^\s*\{\{-?\s*bos_token\s*-?\}\}")
+BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+NEVER_MERGED = -1e9  # the score of a SentencePiece token no merge makes: llama.cpp never prefers it
 
 
 def llama_cpp_pre_tokenizers() -> dict:
@@ -55,6 +57,21 @@ def pre_tokenizer_name(tokenizer_json: str) -> str:
                         + ", ".join(llama_cpp_pre_tokenizers()))
 
 
+def is_sentencepiece(parsed: dict) -> bool:
+    """A SentencePiece vocabulary as tokenizer.json holds it (Llama 2, TinyLlama): BPE with byte fallback over
+    words marked with ▁ by the normalizer or the pre-tokenizer (llama.cpp's `llama` tokenizer)."""
+    marks = json.dumps([parsed.get("normalizer"), parsed.get("pre_tokenizer")], ensure_ascii=False)
+    return bool(parsed["model"].get("byte_fallback")) and "▁" in marks
+
+
+def sentencepiece_scores(tokens: dict, merges: list[str]) -> list[float]:
+    """Scores that make llama.cpp's SentencePiece merges (the highest-scoring pair first) follow the BPE merge
+    order (the lowest rank first): a merged token scores minus its merge's rank."""
+    rank = {first + second: float(-index) for index, (first, _, second) in enumerate(m.partition(" ") for m in merges)}
+    size = max(tokens) + 1
+    return [rank.get(tokens.get(i, ""), 0.0 if len(tokens.get(i, "")) == 1 else NEVER_MERGED) for i in range(size)]
+
+
 def bpe_merges(model: dict) -> list[str]:
     """Merges as 'a b' lines (tokenizer.json holds them as lines or as pairs)."""
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
@@ -63,10 +80,12 @@ def bpe_merges(model: dict) -> list[str]:
 def token_table(parsed: dict) -> tuple[dict, dict]:
     """({id: token}, {id: GGUF token type}) of the vocabulary and the added tokens."""
     tokens = {index: token for token, index in parsed["model"]["vocab"].items()}
-    types = {index: gguf.TokenType.NORMAL for index in tokens}
+    types = {index: gguf.TokenType.BYTE if BYTE_TOKEN.match(token) else gguf.TokenType.NORMAL
+             for index, token in tokens.items()}
     for added in parsed.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
-        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        types[added["id"]] = gguf.TokenType.BYTE if BYTE_TOKEN.match(added["content"]) else \
+            gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     return tokens, types
 
 
@@ -105,6 +124,7 @@ class Vocab:
     eot_id: int | None  # the end of an assistant turn, where the chat template has one
     add_bos: bool
     chat_template: str | None
+    scores: list | None = None  # SentencePiece vocabularies (tokenizer.ggml.model "llama"); None: byte-level BPE
 
     @classmethod
     def of(cls, model_dir: Path, chat_formatting: bool = True) -> Vocab:
@@ -120,14 +140,19 @@ class Vocab:
         if parsed["model"].get("type") != "BPE":
             raise LoraflowError(f"the tokenizer is {parsed['model'].get('type')}: GGUF export needs byte-level BPE")
         tokens, types = token_table(parsed)
+        spm = is_sentencepiece(parsed)
+        merges = bpe_merges(parsed["model"])
         tokenizer = models.load_tokenizer(str(model_dir))
+        if tokenizer.unk_token_id is not None:
+            types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
         end = chat_turn_end(tokenizer) if chat_formatting else ""
         bos_added = adds_bos(tokenizer)
         template = one_bos_template(tokenizer.chat_template, bos_added) if chat_formatting and \
             tokenizer.chat_template else plain_prompt_template()
-        return cls(tokens, types, bpe_merges(parsed["model"]), pre_tokenizer_name(text), tokenizer.bos_token_id,
+        return cls(tokens, types, merges, "default" if spm else pre_tokenizer_name(text), tokenizer.bos_token_id,
                    tokenizer.eos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id,
-                   tokenizer.convert_tokens_to_ids(end) if end else None, bos_added, template)
+                   tokenizer.convert_tokens_to_ids(end) if end else None, bos_added, template,
+                   sentencepiece_scores(tokens, merges) if spm else None)
 
     def token_list(self, vocab_size: int) -> tuple[list[str], list[int]]:
         """Tokens and types for every id below vocab_size (ids the tokenizer lacks: unused placeholders)."""
@@ -137,11 +162,14 @@ class Vocab:
 
     def add_to(self, writer: gguf.GGUFWriter, vocab_size: int) -> None:
         tokens, types = self.token_list(vocab_size)
-        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_model("gpt2" if self.scores is None else "llama")
         writer.add_tokenizer_pre(self.pre)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        writer.add_token_merges(self.merges)
+        writer.add_token_merges(self.merges)  # SentencePiece too: transformers' reader uses them
+        if self.scores is not None:
+            writer.add_token_scores(self.scores + [NEVER_MERGED] * (len(tokens) - len(self.scores)))
+            writer.add_add_space_prefix(True)
         for value, add in ((self.bos_id, writer.add_bos_token_id), (self.eos_id, writer.add_eos_token_id),
                            (self.unk_id, writer.add_unk_token_id), (self.pad_id, writer.add_pad_token_id),
                            (self.eot_id, writer.add_eot_token_id)):
