@@ -152,6 +152,7 @@ def converted_into(output_dir: Path, merged_dir: Path, version, quantization: st
     the staging folder goes and `output_dir` stays as it was."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp's folder is the owner's alone; the output is an ordinary folder
     try:
         write_files(merged_dir, staging, version, quantization, settings)
         move_into_place(staging, output_dir)
