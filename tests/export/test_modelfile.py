@@ -20,6 +20,12 @@ ZEPHYR_TEMPLATE = (  # TinyLlama-1.1B-Chat's
     "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
     "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
     "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+LLAMA31_TEMPLATE = (  # Llama 3.1's layout in short: a system turn always, with date lines before its text
+    "{{- bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set rest = messages[1:] %}{% else %}{% set system = '' %}{% set rest = messages %}{% endif %}"
+    "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\n{{ system }}<|eot_id|>"
+    "{% for m in rest %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 CONVERSATIONS = [
     [{"role": "user", "content": "Describe: Oak desk 1200 x 600"}],
     [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "Describe: Red mug"}],
@@ -31,13 +37,14 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def folders(tiny_llama, tmp_path_factory) -> dict:
     """One tokenizer folder per chat family: ChatML (tiny Llama, tiny Qwen2), SmolLM2's ChatML with a default
-    system message, Llama 3, Zephyr (TinyLlama's chat: on the tiny model's vocabulary, and on a SentencePiece one
+    system message, Llama 3 (and 3.1's date lines), Zephyr (TinyLlama's chat: on the tiny model's vocabulary, and on a SentencePiece one
     with eos </s> and bos added by the tokenizer)."""
     root = tmp_path_factory.mktemp("families")
     found = {"chatml": tiny_llama, "qwen2": tiny.build_tiny_qwen2(root / "qwen2"),
              "llama3": tiny.build_tiny_llama3(root / "llama3"), "tinyllama": tiny.build_tiny_tinyllama(root / "tl")}
-    for name, template in (("smollm2", SMOLLM2_TEMPLATE), ("zephyr", ZEPHYR_TEMPLATE)):
-        shutil.copytree(tiny_llama, root / name)
+    for name, source, template in (("smollm2", tiny_llama, SMOLLM2_TEMPLATE), ("zephyr", tiny_llama, ZEPHYR_TEMPLATE),
+                                   ("llama31", found["llama3"], LLAMA31_TEMPLATE)):
+        shutil.copytree(source, root / name)
         tokenizer = models.read_tokenizer(str(root / name))
         tokenizer.chat_template = template
         tokenizer.save_pretrained(root / name)
@@ -51,12 +58,14 @@ def parsed(folder: Path, **data) -> tuple[dict, object]:
     return export.parse_modelfile(export.modelfile("m.gguf", tokenizer, settings)), tokenizer
 
 
-@pytest.mark.parametrize("family", ["chatml", "qwen2", "smollm2", "llama3", "zephyr", "tinyllama"])
+@pytest.mark.parametrize("family", ["chatml", "qwen2", "smollm2", "llama3", "llama31", "zephyr", "tinyllama"])
 @pytest.mark.parametrize("system_prompt", ["", "You write product copy."])
 def test_the_template_renders_what_the_chat_template_renders(folders, family, system_prompt):
     modelfile, tokenizer = parsed(folders[family], system_prompt=system_prompt)
     bos = [tokenizer.bos_token_id] if export.adds_bos(tokenizer) else []
     for conversation in CONVERSATIONS:
+        if family == "llama31" and conversation[0]["role"] == "system":
+            continue  # a conversation's own system message replaces SYSTEM, date lines and all (README, Export)
         asked = conversation  # what training and the server send: data.system_prompt first, unless one is given
         if system_prompt and conversation[0]["role"] != "system":
             asked = [{"role": "system", "content": system_prompt}, *conversation]

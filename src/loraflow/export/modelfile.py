@@ -44,12 +44,14 @@ def chat_family(tokenizer) -> str:
                         f"known: {', '.join(FAMILIES)}")
 
 
-def default_system(tokenizer, family: str) -> str:
-    """The system message the chat template puts in when a conversation has none ('' if it puts none)."""
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": PROBE}], tokenize=False,
+def system_text(tokenizer, family: str, system_prompt: str) -> str:
+    """The system message as the chat template writes it: the project's (with whatever the template puts before
+    it, such as Llama 3.1's date lines), or the template's default where the project has none ('' if neither)."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    rendered = tokenizer.apply_chat_template([*messages, {"role": "user", "content": PROBE}], tokenize=False,
                                              add_generation_prompt=True)
     found = re.search(FAMILIES[family][2], rendered, re.DOTALL)
-    return found.group(1) if found else ""
+    return found.group(1) if found else system_prompt
 
 
 def ollama_values(messages: list[dict], system: str = "") -> dict:
@@ -101,7 +103,7 @@ def modelfile(gguf_name: str, tokenizer, settings: dict) -> str:
               f"PARAMETER repeat_penalty {float(generate.get('repetition_penalty', 1.0)):g}",
               f"PARAMETER num_predict {min(int(generate.get('max_new_tokens', 64)), int(cap))}"]
     if chat and tokenizer.chat_template:
-        system = data.get("system_prompt") or default_system(tokenizer, chat_family(tokenizer))
+        system = system_text(tokenizer, chat_family(tokenizer), data.get("system_prompt") or "")
         if system:
             lines += ["", f"SYSTEM {quoted(system)}"]
     return "\n".join(lines) + "\n"
