@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import Request  # at module level: FastAPI reads the routes' annotations from the module
 
 from loraflow.serving.batching import MAX_BATCH_ROWS
+from loraflow.serving.requests import API_KEY_ENV
 
-API_KEY_ENV = "LORAFLOW_API_KEY"
 SOURCE_ENV = "LORAFLOW_SERVE_MODEL_URI"  # what the server's workers serve (set by main)
 ALL_VERSIONS_ENV = "LORAFLOW_SERVE_ALL_VERSIONS"
 OPEN_PATHS = ("/ping", "/health")  # answered without a key: load balancers and readiness probes

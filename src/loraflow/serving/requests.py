@@ -43,6 +43,7 @@ PARAM_TYPES = {"max_new_tokens": "long", "temperature": "double", "top_p": "doub
 MAX_ROWS = 64  # prompt rows per request
 MAX_SEED = 2**32 - 1  # numpy's seed range, which transformers.set_seed goes through
 REQUEST_SECONDS_ENV = "LORAFLOW_REQUEST_SECONDS"
+API_KEY_ENV = "LORAFLOW_API_KEY"  # the server's bearer key (serving.app)
 SERVER_TIMEOUT_MARGIN_SECONDS = 5  # the budget ends this long before the scoring server's timeout
 UNSET_MODEL_MAX_LENGTH = 10**9  # tokenizers without a limit report int(1e30)
 

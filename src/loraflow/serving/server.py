@@ -29,8 +29,8 @@ import pandas as pd  # mlflow.pyfunc has imported it already
 
 from loraflow import LoraflowError, tracking
 from loraflow.config import Config
-from loraflow.serving.app import API_KEY_ENV
 from loraflow.serving.batching import SERVER_LOOP_ENV
+from loraflow.serving.requests import API_KEY_ENV
 
 
 def default_model_uri(cfg: Config) -> str:
