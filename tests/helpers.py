@@ -1,7 +1,10 @@
 """Helpers every test file shares: the runs an experiment holds, and the one-line error contract."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
+import pytest
 
 
 def runs_of(stage: str | None = None, *, status: str | None = None, experiment: str | None = None,
@@ -24,3 +27,13 @@ def assert_one_line_error(code: int, err: str, pattern: str = "") -> str:
     assert len(errors) == 1 and errors[0].startswith("error: ") and pattern in errors[0], err
     assert "Traceback" not in err, err
     return errors[0]
+
+
+def ready_or_fail(url: str, process, log_path, timeout: float = 180) -> None:
+    """Wait for a server process to answer /ping; fail the test with the tail of its log if it does not."""
+    from loraflow import LoraflowError, serving
+
+    try:
+        serving.wait_until_ready(url, timeout=timeout, process=process)
+    except LoraflowError as exc:
+        pytest.fail(f"{exc}\n{Path(log_path).read_text()[-3000:]}")

@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import tiny_config
+from helpers import ready_or_fail
 from test_openai import running
 from test_serving import LONG_PROMPT, free_port
 
-from loraflow import LoraflowError, data, generation, serving
+from loraflow import data, generation, serving
 from loraflow.config import load_config
 from loraflow.serving.versions import ServedVersions
 
@@ -226,10 +227,7 @@ def test_the_serve_command_answers_the_openai_sdk_and_stops_on_sigterm(tiny_llam
                                     "--port", str(port), "--workers", "2"], stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
-        try:
-            serving.wait_until_ready(url, timeout=180, process=process)
-        except LoraflowError as exc:
-            pytest.fail(f"{exc}\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+        ready_or_fail(url, process, tmp_path / "serve.log")
         api = openai.OpenAI(base_url=f"{url}/v1", api_key="k-123", max_retries=0)
         answer = api.chat.completions.create(model="tiny", messages=user(PROMPTS[0]), max_tokens=8, temperature=0)
         assert answer.choices[0].message.content == expected and answer.system_fingerprint == "tiny/1"

@@ -19,7 +19,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, ready_or_fail
 from mlflow.exceptions import MlflowException
 
 from loraflow import LoraflowError, serving, tracking
@@ -87,10 +87,7 @@ def server(logged_model, tmp_path):
                                        stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        try:
-            serving.wait_until_ready(url, timeout=180, process=process)
-        except LoraflowError as exc:
-            pytest.fail(f"{exc}\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+        ready_or_fail(url, process, tmp_path / "server.log")
         yield url
     finally:
         serving.stop_server(process, timeout=20)
@@ -321,10 +318,7 @@ def assert_the_image_entrypoint_serves_both_apis(model_dir, tmp_path) -> None:
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        try:
-            serving.wait_until_ready(url, timeout=180, process=process)
-        except LoraflowError as exc:
-            pytest.fail(f"{exc}\n{(tmp_path / 'image.log').read_text()[-3000:]}")
+        ready_or_fail(url, process, tmp_path / "image.log")
         assert len(serving.predict_over_http(url, ["Describe: Oak desk"], {"max_new_tokens": 4})) == 1
         with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as response:
             assert [m["id"] for m in json.loads(response.read())["data"]] == ["tiny", "tiny/local"]
