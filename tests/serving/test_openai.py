@@ -285,6 +285,12 @@ def test_requests_follow_the_alias_when_register_moves_it(two_versions, register
         for worker in workers:
             worker.join(timeout=60)
         listed = [m.id for m in api.models.list().data]
+        mlflow.MlflowClient().delete_registered_model_alias(NAME, "champion")  # no champion for a while
+        time.sleep(1)
+        assert status(f"{url}/invocations", {"dataframe_records": [{"prompt": PROMPT}]}) == 404
+        with pytest.raises(openai.NotFoundError):
+            chat(api, NAME)
+        assert chat(api, f"{NAME}/{third}").system_fingerprint == f"{NAME}/{third}"  # the versions still answer
     assert not failures and switched_after < 5
     assert seen[0] == f"{NAME}/{second}" and seen[-1] == f"{NAME}/{third}"
     assert f"{NAME}@previous" in listed and versions.resolve(f"{NAME}@previous").number == second

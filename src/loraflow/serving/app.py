@@ -131,10 +131,17 @@ async def invocations(request: Request):
     """MLflow's /invocations, answered by the default version (the alias's version now)."""
     from fastapi.responses import Response
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
     from mlflow.pyfunc import scoring_server
 
     data, content_type = await request.body(), request.headers.get("content-type") or ""
-    model = pyfunc_of(request.app.state.versions.default())
+    versions = request.app.state.versions
+    if versions.default() is None:  # the alias was removed while the server runs
+        error = MlflowException(f"{versions.source} names no version now: set the alias again (loraflow register) "
+                                "or ask for NAME/VERSION on /v1", error_code=RESOURCE_DOES_NOT_EXIST)
+        return Response(error.serialize_as_json(), status_code=error.get_http_status_code(),
+                        media_type="application/json")
+    model = pyfunc_of(versions.default())
     try:
         result = await asyncio.to_thread(scoring_server.invocations, data, content_type, model,
                                          model.metadata.get_input_schema())
