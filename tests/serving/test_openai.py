@@ -335,6 +335,8 @@ HOSTILE = [  # (path, raw body): each must get a 4xx, never a 5xx or a hang
                                          "max_tokens": -5}).encode()),
     ("/v1/completions", json.dumps({"model": NAME, "prompt": ["a", "b"]}).encode()),
     ("/v1/completions", json.dumps({"model": NAME, "prompt": "x", "seed": "zero"}).encode()),
+    ("/v1/chat/completions", json.dumps({"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                                         "stream": True, "stream_options": 5, "response_format": "json"}).encode()),
     ("/invocations", json.dumps({"dataframe_records": [{"question": "x"}]}).encode()),
     ("/invocations", b"\xff\xfe garbage"),
 ]

@@ -89,6 +89,9 @@ def checked_keys(body: dict, allowed: set) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise bad(f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
+    for name in ("response_format", "stream_options"):
+        if body.get(name) is not None and not isinstance(body[name], dict):
+            raise bad(f"{name} must be an object, got {body[name]!r:.50}", name)
     refused = {"tools": bool(body.get("tools")), "logprobs": bool(body.get("logprobs")),
                "top_logprobs": bool(body.get("top_logprobs")), "echo": bool(body.get("echo")),
                "frequency_penalty": bool(body.get("frequency_penalty")), "suffix": bool(body.get("suffix")),
